@@ -1,0 +1,134 @@
+"""Run settings, their defaults and validation, and the environment variables both sides read."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Dataset name -> torchvision class name; both sets are 28x28 uint8 images.
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the value and the fix."""
+
+
+def broker_url_from_env() -> str:
+    """Return the Celery broker URL from FARM_BROKER_URL."""
+    return os.environ.get("FARM_BROKER_URL", DEFAULT_BROKER_URL)
+
+
+def store_url_from_env() -> str:
+    """Return the weights store URL from FARM_STORE_URL, defaulting to the broker's Redis."""
+    return os.environ.get("FARM_STORE_URL") or broker_url_from_env()
+
+
+def data_root_from_env() -> Path:
+    """Return the dataset root from FARM_DATA_ROOT (torchvision layout), default ./data."""
+    return Path(os.environ.get("FARM_DATA_ROOT", "data")).expanduser()
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Everything that decides the bits a job produces; every replica of a job gets the same copy.
+
+    Defaults differ from the reference example (batch 16, no shuffling, Adam lr 0.1):
+    Adam at lr 0.1 overshoots and the autoencoder collapses to the mean image, while
+    lr 1e-3 with shuffled batches of 32 lowers the loss every epoch.
+    """
+
+    dataset: str = "mnist"
+    segments: int = 2  # S: segment k holds the training images whose index i has i % S == k
+    learning_rate: float = 1e-3  # Adam step size
+    batch_size: int = 32  # images per optimizer step
+    weight_decay: float = 1e-8  # Adam L2 penalty, as in the reference example
+    shuffle: bool = True  # per-job batch order drawn from a generator seeded by (seed, epoch, segment)
+    seed: int = 0  # run seed: initial weights and every job's batch order
+    threads: int = 1  # torch intra-op threads per job; the thread count changes the bits
+    subset: int = 0  # train on the first N training images only; 0 means all
+
+    def validate(self) -> TrainingSettings:
+        """Raise SettingsError for the first invalid field; return self when all are valid."""
+        if self.dataset not in DATASETS:
+            raise SettingsError(
+                f"invalid dataset {self.dataset!r}: choose one of {', '.join(sorted(DATASETS))}"
+            )
+        _require_int("segments", self.segments, minimum=1)
+        _require_int("batch_size", self.batch_size, minimum=1)
+        _require_int("threads", self.threads, minimum=1)
+        _require_int("subset", self.subset, minimum=0)
+        _require_int("seed", self.seed, minimum=0)
+        if not _finite(self.learning_rate) or self.learning_rate <= 0:
+            raise SettingsError(
+                f"invalid learning_rate {self.learning_rate!r}: use a positive number such as 1e-3"
+            )
+        if not _finite(self.weight_decay) or self.weight_decay < 0:
+            raise SettingsError(
+                f"invalid weight_decay {self.weight_decay!r}: use 0 or a positive number such as 1e-8"
+            )
+        if not isinstance(self.shuffle, bool):
+            raise SettingsError(f"invalid shuffle {self.shuffle!r}: use true or false")
+        if self.subset and self.subset < self.segments:
+            raise SettingsError(
+                f"invalid subset {self.subset}: it must hold at least one image per segment "
+                f"({self.segments} segments); raise subset or use 0 for all images"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingSettings:
+        """Build validated settings from a dict, rejecting unknown or missing keys."""
+        if not isinstance(data, dict):
+            raise SettingsError(f"invalid training settings {data!r}: expected an object")
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(names - set(data))
+        if unknown or missing:
+            raise SettingsError(
+                f"invalid training settings: unknown keys {unknown}, missing keys {missing}"
+            )
+        return cls(**data).validate()
+
+
+@dataclass(frozen=True)
+class FarmSettings:
+    """How the orchestrator farms jobs out: redundancy, quorum, deadlines and limits."""
+
+    replicas: int = 2  # R: replicas sent for every job, each to a distinct worker
+    quorum: int = 2  # Q: distinct workers that must return identical weights and loss
+    max_reissues: int = 3  # extra replicas per segment and epoch after disagreement, failure or timeout
+    job_timeout: float = 600.0  # seconds a replica may take before it is re-issued elsewhere
+    worker_wait: float = 60.0  # seconds to wait at start for enough live workers
+
+    def validate(self) -> FarmSettings:
+        """Raise SettingsError for the first invalid field; return self when all are valid."""
+        _require_int("replicas", self.replicas, minimum=1)
+        _require_int("quorum", self.quorum, minimum=1)
+        _require_int("max_reissues", self.max_reissues, minimum=0)
+        if self.quorum > self.replicas:
+            raise SettingsError(
+                f"invalid quorum {self.quorum}: it cannot exceed replicas ({self.replicas}); "
+                f"lower the quorum or raise the replicas"
+            )
+        for name in ("job_timeout", "worker_wait"):
+            value = getattr(self, name)
+            if not _finite(value) or value <= 0:
+                raise SettingsError(f"invalid {name} {value!r}: use a positive number of seconds")
+        return self
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SettingsError(f"invalid {name} {value!r}: use an integer >= {minimum}")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

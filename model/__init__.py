@@ -1,0 +1,1 @@
+"""The default workload: the MNIST autoencoder, its data segments, deterministic training and weights."""

@@ -1,0 +1,82 @@
+"""Deterministic one-pass training of a segment, and test-set evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from config.settings import TrainingSettings
+from model.network import Autoencoder
+from model.weights import StateDict
+
+
+def configure_torch(threads: int) -> None:
+    """Pin the intra-op thread count and require deterministic algorithms for this process."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def job_seed(run_seed: int, epoch: int, segment: int) -> int:
+    """Derive the batch-order seed of one job; every replica of the job derives the same seed."""
+    sha = hashlib.sha256(f"batch-order:{run_seed}:{epoch}:{segment}".encode())
+    return int.from_bytes(sha.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def train_segment(
+    state_dict: StateDict, inputs: torch.Tensor, settings: TrainingSettings, *, seed: int
+) -> tuple[StateDict, float]:
+    """Train one pass over `inputs` (N, 784) from `state_dict` with a fresh Adam.
+
+    Returns the new weights and the mean of the per-batch MSE losses. Same inputs, same
+    settings and same seed give bit-identical results in any process with the same
+    torch build, thread count and numeric environment.
+    """
+    configure_torch(settings.threads)
+    model = Autoencoder()
+    model.load_state_dict(state_dict, strict=True)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    criterion = nn.MSELoss()
+
+    count = inputs.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(count, generator=generator) if settings.shuffle else torch.arange(count)
+
+    loss_sum = 0.0
+    batches = 0
+    for start in range(0, count, settings.batch_size):
+        x = inputs[order[start : start + settings.batch_size]]  # (batch, 784)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), x)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item()
+        batches += 1
+
+    new_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return new_state, loss_sum / batches
+
+
+@torch.no_grad()
+def evaluate(state_dict: StateDict, inputs: torch.Tensor, *, batch_size: int = 1000) -> float:
+    """Return the mean squared reconstruction error over every pixel of `inputs` (N, 784)."""
+    model = Autoencoder()
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    squared_error = 0.0
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start : start + batch_size]
+        squared_error += float(((model(x) - x) ** 2).sum(dtype=torch.float64))
+    return squared_error / inputs.numel()
+
+
+@torch.no_grad()
+def reconstruct(state_dict: StateDict, inputs: torch.Tensor) -> torch.Tensor:
+    """Return the model's reconstructions of `inputs` (N, 784)."""
+    model = Autoencoder()
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    return model(inputs)

@@ -1,0 +1,327 @@
+"""The orchestrator's command line: run training on the farm, watch it, list workers.
+
+    orchestrator run --epochs 5 --data-root ../shared/datasets
+    orchestrator status
+    orchestrator workers
+    orchestrator local --epochs 3 --workers 2     # Redis, workers and Flower on loopback, then a run
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+import redis
+
+from config.settings import (
+    DATASETS,
+    FarmSettings,
+    SettingsError,
+    TrainingSettings,
+    broker_url_from_env,
+    data_root_from_env,
+)
+from orchestrator.client import FarmClient
+from orchestrator.epoch import Progress
+
+logger = logging.getLogger("orchestrator")
+
+DEFAULTS_TRAINING = TrainingSettings()
+DEFAULTS_FARM = FarmSettings()
+
+
+class BarProgress(Progress):
+    """A click progress bar over the replicas of one epoch, grown as replicas are re-issued."""
+
+    def __init__(self, epoch: int) -> None:
+        self.label = f"epoch {epoch} replicas"
+        self.bar = None
+
+    def add(self, count: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=count, label=self.label, file=sys.stderr, show_eta=False)
+            self.bar.__enter__()
+        else:
+            self.bar.length += count
+            self.bar.render_progress()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("celery", "kombu", "amqp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _connect(broker_url: str, store_url: str | None) -> FarmClient:
+    client = FarmClient(broker_url, store_url or broker_url)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        raise click.ClickException(
+            f"cannot reach the broker at {_redact(broker_url)}: {error}. Start Redis or pass --broker-url"
+        ) from None
+    return client
+
+
+def _redact(url: str) -> str:
+    """Hide the password in a Redis URL before it is shown."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def training_options(command):
+    """Add the options that define a run's training settings and farm policy."""
+    options = [
+        click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="Epochs to train; each is one pass of every segment job."),
+        click.option("--segments", type=click.IntRange(min=1), default=DEFAULTS_TRAINING.segments, show_default=True,
+                     help="Segments S per epoch; segment k holds the images with index % S == k."),
+        click.option("--replicas", type=click.IntRange(min=1), default=DEFAULTS_FARM.replicas, show_default=True,
+                     help="Replicas R of every job, each on a distinct worker."),
+        click.option("--quorum", type=click.IntRange(min=1), default=DEFAULTS_FARM.quorum, show_default=True,
+                     help="Distinct workers Q (at most R) that must return identical weights and loss."),
+        click.option("--max-reissues", type=click.IntRange(min=0), default=DEFAULTS_FARM.max_reissues, show_default=True,
+                     help="Extra replicas per segment and epoch after disagreement, failure or timeout."),
+        click.option("--job-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS_FARM.job_timeout,
+                     show_default=True, help="Seconds a replica may run before it is re-issued to another worker."),
+        click.option("--worker-wait", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS_FARM.worker_wait,
+                     show_default=True, help="Seconds to wait at start for R live workers."),
+        click.option("--dataset", type=click.Choice(sorted(DATASETS)), default=DEFAULTS_TRAINING.dataset,
+                     show_default=True, help="Training set."),
+        click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), envvar="FARM_DATA_ROOT",
+                     default=data_root_from_env, show_default="FARM_DATA_ROOT or ./data",
+                     help="Folder with datasets in torchvision's layout (MNIST/raw/...)."),
+        click.option("--download/--no-download", default=True, show_default=True,
+                     help="Let torchvision download the dataset into --data-root when it is missing."),
+        click.option("--lr", "learning_rate", type=float, default=DEFAULTS_TRAINING.learning_rate, show_default=True,
+                     help="Adam learning rate."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS_TRAINING.batch_size,
+                     show_default=True, help="Images per optimizer step."),
+        click.option("--weight-decay", type=float, default=DEFAULTS_TRAINING.weight_decay, show_default=True,
+                     help="Adam weight decay (L2 penalty)."),
+        click.option("--shuffle/--no-shuffle", default=DEFAULTS_TRAINING.shuffle, show_default=True,
+                     help="Shuffle each job's batch order with a generator seeded by (seed, epoch, segment)."),
+        click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS_TRAINING.seed, show_default=True,
+                     help="Run seed for the initial weights and every batch order."),
+        click.option("--threads", type=click.IntRange(min=1), default=DEFAULTS_TRAINING.threads, show_default=True,
+                     help="torch threads per job; replicas only agree at equal thread counts."),
+        click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Train on the first N training images only (0: all 60,000)."),
+        click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     show_default="runs/RUN_ID", help="Directory for weights, metrics and plots; must be new."),
+        click.option("-v", "--verbose", is_flag=True, help="Log each replica as it is issued."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def connection_options(command):
+    command = click.option("--store-url", envvar="FARM_STORE_URL", default=None, show_default="the broker URL",
+                           help="Redis URL of the weights store.")(command)
+    command = click.option("--broker-url", envvar="FARM_BROKER_URL", default=broker_url_from_env, show_default=True,
+                           help="Redis URL of the Celery broker (FARM_BROKER_URL).")(command)
+    return command
+
+
+def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
+    try:
+        training = TrainingSettings(
+            dataset=options["dataset"], segments=options["segments"], learning_rate=options["learning_rate"],
+            batch_size=options["batch_size"], weight_decay=options["weight_decay"], shuffle=options["shuffle"],
+            seed=options["seed"], threads=options["threads"], subset=options["subset"],
+        ).validate()
+        farm = FarmSettings(
+            replicas=options["replicas"], quorum=options["quorum"], max_reissues=options["max_reissues"],
+            job_timeout=options["job_timeout"], worker_wait=options["worker_wait"],
+        ).validate()
+    except SettingsError as error:
+        raise click.UsageError(str(error)) from None
+    return training, farm
+
+
+def _train(client: FarmClient, options: dict):
+    from orchestrator.training import new_run_id, run_training
+
+    training, farm = _settings(options)
+    run_id = new_run_id()
+    run_dir = options["run_dir"] or Path("runs") / run_id
+    try:
+        return run_training(
+            client=client, training=training, farm=farm, epochs=options["epochs"], run_dir=run_dir,
+            data_root=options["data_root"], download=options["download"], run_id=run_id,
+            progress_factory=BarProgress,
+        )
+    except FileExistsError as error:
+        raise click.UsageError(str(error)) from None
+    except RuntimeError as error:  # DatasetError and friends: show the message, not a traceback
+        if isinstance(error, click.ClickException):
+            raise
+        raise click.ClickException(str(error)) from None
+
+
+def _report(result) -> None:
+    last = result.metrics[-1]
+    click.echo(f"Run {result.run_id} finished: test loss {result.metrics[0]['test_loss']:.5f} -> {last['test_loss']:.5f} "
+               f"over {len(result.metrics)} epochs")
+    click.echo(f"Final weights digest: {result.final_digest}")
+    click.echo(f"Run directory: {result.run_dir.resolve()} (final.safetensors, metrics.jsonl, loss.png, reconstructions.png)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train a model on a farm of untrusted Celery workers with redundant, verified segment jobs."""
+
+
+@main.command()
+@training_options
+@connection_options
+def run(**options) -> None:
+    """Train on the workers that are live on the broker and write the run directory."""
+    _configure_logging(options["verbose"])
+    client = _connect(options["broker_url"], options["store_url"])
+    _report(_train(client, options))
+
+
+@main.command()
+@training_options
+@click.option("--workers", "worker_count", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Worker processes to start on this machine.")
+@click.option("--flower/--no-flower", default=True, show_default=True, help="Start Flower to watch the tasks.")
+@click.option("--keep-running", is_flag=True, help="Keep Redis, workers and Flower up after the run until Ctrl-C.")
+def local(worker_count: int, flower: bool, keep_running: bool, **options) -> None:
+    """Start Redis, workers and Flower on 127.0.0.1, train, then stop everything that was started."""
+    from model.data import load_images
+    from orchestrator.local import LocalFarm
+    from orchestrator.training import new_run_id
+
+    _configure_logging(options["verbose"])
+    training, farm = _settings(options)
+    if worker_count < farm.replicas:
+        raise click.UsageError(f"--workers {worker_count} is fewer than --replicas {farm.replicas}; "
+                               f"every replica needs its own worker")
+    # Fetch the data before the workers start, so that they find it in place.
+    for train in (True, False):
+        try:
+            load_images(str(options["data_root"]), training.dataset, train=train, download=options["download"])
+        except RuntimeError as error:
+            raise click.ClickException(str(error)) from None
+
+    options["run_dir"] = options["run_dir"] or Path("runs") / new_run_id()
+    log_dir = Path(options["run_dir"]).with_name(Path(options["run_dir"]).name + "-logs")
+    with LocalFarm(workers=worker_count, data_root=options["data_root"], log_dir=log_dir, flower=flower) as farm_processes:
+        click.echo(f"Redis: {farm_processes.broker_url}   workers: {worker_count}   logs: {log_dir}")
+        if farm_processes.flower_url:
+            click.echo(f"Flower UI: {farm_processes.flower_url}")
+        client = _connect(farm_processes.broker_url, None)
+        result = _train(client, options)
+        _report(result)
+        if farm_processes.flower_url:
+            click.echo(f"Flower UI (up while the farm runs): {farm_processes.flower_url}")
+        if keep_running:
+            click.echo("Farm still running; press Ctrl-C to stop it.")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+    click.echo("Stopped Redis, workers and Flower.")
+
+
+@main.command()
+@click.option("--run-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Read this run's state.json instead of the broker's current run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw state as JSON.")
+@connection_options
+def status(run_dir: Path | None, as_json: bool, broker_url: str, store_url: str | None) -> None:
+    """Show live workers and the current run's epoch and per-segment state."""
+    from orchestrator.rundir import RunDirectory
+
+    state = None
+    workers = None
+    if run_dir is not None:
+        state = RunDirectory(run_dir).read_state()
+    try:
+        client = _connect(broker_url, store_url)
+        workers = client.live_workers()
+        state = state or client.read_status()
+    except click.ClickException:
+        if run_dir is None:
+            raise
+    if as_json:
+        click.echo(json.dumps({"workers": workers, "run": state}, indent=2))
+        return
+    if workers is not None:
+        _print_workers(workers)
+    if not state:
+        click.echo("No run has published its state yet.")
+        return
+    click.echo(f"\nRun {state['run_id']} ({state['state']}): epoch {state.get('epoch', 0)} of {state['epochs']}, "
+               f"directory {state['run_dir']}")
+    for segment, info in sorted(state.get("segments", {}).items(), key=lambda item: int(item[0])):
+        decision = f"accepted {info['decision'][:12]}" if info["decision"] else "undecided"
+        click.echo(f"  segment {segment}: {decision}")
+        for replica in info["replicas"]:
+            detail = replica["weights_digest"][:12] or replica["reason"]
+            click.echo(f"    {replica['assignment_id'][:12]} {replica['worker']:<30} {replica['status']:<9} {detail}")
+
+
+def _print_workers(workers: dict[str, dict]) -> None:
+    if not workers:
+        click.echo("No live workers. Start one with: celery -A tasks worker -n NAME@%h")
+        return
+    click.echo(f"{'WORKER':<32} {'HEALTH':<10} {'STATE':<6} {'JOBS':>5} {'UPTIME':>8}  DATASETS")
+    now = time.time()
+    for name, record in sorted(workers.items()):
+        datasets = ",".join(d for d, present in sorted(record.get("datasets", {}).items()) if present) or "-"
+        health = record.get("health", "?")
+        click.echo(f"{name:<32} {health if health == 'ok' else 'UNHEALTHY':<10} "
+                   f"{'busy' if record.get('active') else 'idle':<6} {record.get('processed', 0):>5} "
+                   f"{now - record.get('started_at', now):>7.0f}s  {datasets}")
+        if health != "ok":
+            click.echo(f"    {health}")
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def workers(context: click.Context) -> None:
+    """List the live workers (the default), with health, state and jobs done."""
+    if context.invoked_subcommand is None:
+        context.invoke(list_workers)
+
+
+@workers.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the heartbeat records as JSON.")
+@connection_options
+def list_workers(as_json: bool = False, broker_url: str | None = None, store_url: str | None = None) -> None:
+    """List the live workers from their heartbeats."""
+    client = _connect(broker_url or broker_url_from_env(), store_url)
+    records = client.live_workers()
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+    else:
+        _print_workers(records)
+
+
+if __name__ == "__main__":
+    main()

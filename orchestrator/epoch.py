@@ -1,0 +1,265 @@
+"""One epoch: place S x R replicas, collect verified results by deadline, re-issue, reach quorum."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from config.settings import FarmSettings, TrainingSettings
+from model.weights import StateDict
+from orchestrator.assignment import choose_workers
+from orchestrator.client import FarmClient
+from orchestrator.errors import QuorumError, StaffingError
+from orchestrator.quorum import FAILED, PENDING, REJECTED, TIMED_OUT, Replica, SegmentVote
+from orchestrator.verify import EpochContext, Rejection, WeightsVerifier, check_binding
+from protocol.messages import Job, ProtocolError, Result
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_CHECK_INTERVAL = 1.0  # seconds between liveness checks of workers with pending replicas
+
+
+@dataclass
+class RejectedResult:
+    """A result that did not count, kept as data for the metrics and the log."""
+
+    assignment_id: str
+    worker: str
+    segment: int | None
+    reason: str
+
+
+@dataclass
+class EpochOutcome:
+    """What an epoch decided: one accepted (digest, loss, voters) per segment, and what went wrong."""
+
+    accepted: dict[int, tuple[str, float, list[str]]]
+    states: dict[int, StateDict]
+    disagreements: int
+    reissues: int
+    rejected: list[RejectedResult] = field(default_factory=list)
+    failed: list[RejectedResult] = field(default_factory=list)
+
+
+class Progress:
+    """Progress of replicas in an epoch; the CLI replaces it with a progress bar."""
+
+    def add(self, count: int) -> None: ...
+
+    def advance(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def eligible_workers(heartbeats: dict[str, dict], dataset: str) -> list[str]:
+    """Return live workers that report healthy and hold the run's dataset."""
+    return sorted(
+        name for name, record in heartbeats.items()
+        if record.get("health") == "ok" and record.get("datasets", {}).get(dataset)
+    )
+
+
+class EpochRunner:
+    """Run the epochs of one run against live workers."""
+
+    def __init__(
+        self,
+        *,
+        client: FarmClient,
+        run_id: str,
+        training: TrainingSettings,
+        farm: FarmSettings,
+        data_digests: list[str],
+        verifier: WeightsVerifier,
+        on_change: Callable[[int, dict[int, SegmentVote]], None] = lambda epoch, votes: None,
+    ) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.training = training
+        self.farm = farm
+        self.data_digests = data_digests
+        self.verifier = verifier
+        self.on_change = on_change
+        self.reply_key = f"farm:results:{run_id}"
+
+    # --- placement -------------------------------------------------------------
+
+    def _eligible(self) -> list[str]:
+        return eligible_workers(self.client.live_workers(), self.training.dataset)
+
+    def _issue(self, vote: SegmentVote, count: int, *, epoch: int, base_digest: str, eligible: list[str]) -> int:
+        pending_load = Counter(
+            replica.worker for other in self._votes.values() for replica in other.pending()
+        )
+        workers = choose_workers(
+            eligible, count=count, exclude=vote.workers(), load=pending_load,
+            offset=epoch * self.training.segments + vote.segment,
+        )
+        now_wall, now = time.time(), time.monotonic()
+        for worker in workers:
+            queue_depth = pending_load[worker] + 1  # jobs ahead of this one on the worker, plus itself
+            budget = self.farm.job_timeout * queue_depth
+            job = Job(
+                run_id=self.run_id, epoch=epoch, segment=vote.segment,
+                assignment_id=secrets.token_hex(16), worker=worker,
+                base_digest=base_digest, data_digest=self.data_digests[vote.segment],
+                training=self.training.to_dict(), reply_to=self.reply_key,
+                issued_at=now_wall, expires_at=now_wall + budget,
+            )
+            vote.add(Replica(job.assignment_id, worker, vote.segment, issued_at=now_wall, deadline=now + budget))
+            self.client.send(job, time_limit=self.farm.job_timeout, expires_in=budget)
+            pending_load[worker] += 1
+            logger.debug("issued segment %d to %s as %s", vote.segment, worker, job.assignment_id)
+        return len(workers)
+
+    # --- one epoch -------------------------------------------------------------
+
+    def run_epoch(self, epoch: int, base_digest: str, progress: Progress | None = None) -> EpochOutcome:
+        """Train every segment of `epoch` from `base_digest` until each one reaches its quorum."""
+        progress = progress or Progress()
+        context = EpochContext(self.run_id, epoch, base_digest)
+        self._votes = {k: SegmentVote(k, self.farm.quorum) for k in range(self.training.segments)}
+        self._rejected: list[RejectedResult] = []
+        self._failed: list[RejectedResult] = []
+        reissues = Counter()
+
+        # Place R replicas of every segment on distinct workers.
+        eligible = self._eligible()
+        if len(eligible) < self.farm.replicas:
+            raise StaffingError(
+                f"epoch {epoch} needs {self.farm.replicas} live workers with {self.training.dataset}, "
+                f"found {len(eligible)}: {eligible}; start more with: celery -A tasks worker -n NAME@%h"
+            )
+        for vote in self._votes.values():
+            self._issue(vote, self.farm.replicas, epoch=epoch, base_digest=base_digest, eligible=eligible)
+        progress.add(self.farm.replicas * len(self._votes))
+        self.on_change(epoch, self._votes)
+
+        # Collect results until every segment is decided, re-issuing where a quorum fell out of reach.
+        next_liveness_check = time.monotonic() + HEARTBEAT_CHECK_INTERVAL
+        while any(vote.decision is None for vote in self._votes.values()):
+            changed = False
+            raw = self.client.pop_reply(self.reply_key, timeout=self._time_to_next_deadline(next_liveness_check))
+            if raw is not None:
+                changed |= self._handle_reply(raw, context, progress)
+            now = time.monotonic()
+            changed |= self._expire_overdue(now, progress)
+            if now >= next_liveness_check:
+                changed |= self._expire_lost_workers(progress)
+                next_liveness_check = now + HEARTBEAT_CHECK_INTERVAL
+            if changed:
+                self._reissue_where_short(epoch, base_digest, reissues, progress)
+                self.on_change(epoch, self._votes)
+
+        # Drop replicas nobody needs any more, so idle capacity returns for the next epoch.
+        self.client.revoke([r.assignment_id for vote in self._votes.values() for r in vote.pending()])
+        return self._outcome(reissues)
+
+    def _time_to_next_deadline(self, next_liveness_check: float) -> float:
+        deadlines = [r.deadline for vote in self._votes.values() for r in vote.pending()]
+        return max(0.0, min(deadlines + [next_liveness_check]) - time.monotonic())
+
+    def _handle_reply(self, raw: bytes, context: EpochContext, progress: Progress) -> bool:
+        """Verify one reply and count it; return whether any vote changed."""
+        try:
+            result = Result.from_message(json.loads(raw))
+        except (ValueError, ProtocolError) as error:
+            self._reject("?", "?", None, f"malformed result: {error}")
+            return False
+        vote = self._votes.get(result.segment)
+        try:
+            replica = check_binding(result, vote.replicas.get(result.assignment_id) if vote else None, context)
+        except Rejection as rejection:
+            self._reject(result.assignment_id, result.worker, result.segment, rejection.reason)
+            return False  # an unbound result touches no vote
+
+        if result.status == "error":
+            self._fail(vote, replica, FAILED, f"worker reported an error: {result.error}", progress)
+            return True
+        try:
+            self.verifier.load(result.weights_digest)
+        except Rejection as rejection:
+            # The assignment is used up: a worker gets one answer per assignment.
+            self._reject(result.assignment_id, result.worker, result.segment, rejection.reason)
+            vote.record_failure(replica.assignment_id, REJECTED, rejection.reason)
+            progress.advance()
+            return True
+        vote.record_agreeable(replica.assignment_id, result.weights_digest, result.loss, result.loss_bits)
+        progress.advance()
+        return True
+
+    def _reject(self, assignment_id: str, worker: str, segment: int | None, reason: str) -> None:
+        logger.warning("rejected result: assignment %s worker %s segment %s: %s", assignment_id, worker, segment, reason)
+        self._rejected.append(RejectedResult(assignment_id, worker, segment, reason))
+
+    def _fail(self, vote: SegmentVote, replica: Replica, status: str, reason: str, progress: Progress) -> None:
+        logger.warning(
+            "replica %s: assignment %s worker %s segment %d: %s",
+            status, replica.assignment_id, replica.worker, vote.segment, reason,
+        )
+        vote.record_failure(replica.assignment_id, status, reason)
+        self._failed.append(RejectedResult(replica.assignment_id, replica.worker, vote.segment, reason))
+        progress.advance()
+
+    def _expire_overdue(self, now: float, progress: Progress) -> bool:
+        overdue = [(v, r) for v in self._votes.values() for r in v.pending() if now >= r.deadline]
+        for vote, replica in overdue:
+            self._fail(vote, replica, TIMED_OUT, "no result before the job deadline", progress)
+        return bool(overdue)
+
+    def _expire_lost_workers(self, progress: Progress) -> bool:
+        pending = [(v, r) for v in self._votes.values() for r in v.pending()]
+        if not pending:
+            return False
+        live = self.client.live_workers()
+        lost = [(v, r) for v, r in pending if r.worker not in live]
+        for vote, replica in lost:
+            self._fail(vote, replica, TIMED_OUT, "worker lost: its heartbeat expired", progress)
+        return bool(lost)
+
+    def _reissue_where_short(self, epoch: int, base_digest: str, reissues: Counter, progress: Progress) -> None:
+        eligible = None
+        for vote in self._votes.values():
+            shortfall = vote.shortfall()
+            if not shortfall:
+                continue
+            if reissues[vote.segment] + shortfall > self.farm.max_reissues:
+                raise QuorumError(self._no_quorum_message(epoch, vote, "the re-issue limit "
+                                                          f"({self.farm.max_reissues}) is reached"))
+            eligible = eligible if eligible is not None else self._eligible()
+            issued = self._issue(vote, shortfall, epoch=epoch, base_digest=base_digest, eligible=eligible)
+            if issued < shortfall:
+                raise QuorumError(self._no_quorum_message(
+                    epoch, vote, f"no fresh live worker is left ({len(eligible)} live: {', '.join(eligible)})"))
+            reissues[vote.segment] += issued
+            progress.add(issued)
+            logger.info("re-issued segment %d of epoch %d to %d more worker(s)", vote.segment, epoch, issued)
+
+    def _no_quorum_message(self, epoch: int, vote: SegmentVote, why: str) -> str:
+        lines = [f"segment {vote.segment} of epoch {epoch} cannot reach a quorum of {vote.quorum}: {why}. Replicas:"]
+        for replica in vote.replicas.values():
+            detail = f"weights {replica.weights_digest[:16]} loss {replica.loss!r}" if replica.weights_digest else replica.reason
+            lines.append(f"  {replica.assignment_id} on {replica.worker}: {replica.status}: {detail}")
+        lines.append("Start more workers or raise --max-reissues, then run again.")
+        return "\n".join(lines)
+
+    def _outcome(self, reissues: Counter) -> EpochOutcome:
+        accepted, states = {}, {}
+        for segment, vote in self._votes.items():
+            digest, bits = vote.decision
+            loss = next(r.loss for r in vote.replicas.values() if (r.weights_digest, r.loss_bits) == (digest, bits))
+            accepted[segment] = (digest, loss, vote.voters())
+            states[segment] = self.verifier.load(digest)
+        return EpochOutcome(
+            accepted=accepted,
+            states=states,
+            disagreements=sum(vote.disagreement for vote in self._votes.values()),
+            reissues=sum(reissues.values()),
+            rejected=self._rejected,
+            failed=self._failed,
+        )

@@ -1,0 +1,179 @@
+"""A whole farm on loopback for demos, tests and benchmarks: Redis, N workers and Flower.
+
+    with LocalFarm(workers=2, data_root=Path("data"), log_dir=Path("runs/logs")) as farm:
+        ...  # farm.broker_url is the Redis the workers consume from
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from protocol.heartbeat import read_heartbeats
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LocalFarm:
+    """Start Redis, workers and optionally Flower on 127.0.0.1; stop all of them on exit."""
+
+    def __init__(
+        self,
+        *,
+        workers: int,
+        data_root: Path,
+        log_dir: Path,
+        flower: bool = False,
+        worker_prefix: str = "worker",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.worker_count = workers
+        self.data_root = Path(data_root).resolve()
+        self.log_dir = Path(log_dir)
+        self.with_flower = flower
+        self.worker_prefix = worker_prefix
+        self.extra_env = extra_env or {}
+        self.redis_port = free_port()
+        self.flower_port = free_port() if flower else None
+        self.broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.redis_process: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.flower_process: subprocess.Popen | None = None
+
+    @property
+    def flower_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.flower_port}/" if self.flower_port else None
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["FARM_BROKER_URL"] = self.broker_url
+        env["FARM_STORE_URL"] = self.broker_url
+        env["FARM_DATA_ROOT"] = str(self.data_root)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        return env
+
+    def __enter__(self) -> LocalFarm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.start_redis()
+        for index in range(1, self.worker_count + 1):
+            self.start_worker(f"{self.worker_prefix}{index}")
+        if self.with_flower:
+            self.start_flower()
+        self.wait_for_workers(self.worker_count)
+
+    def start_redis(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server not found on PATH; install it (apt-get install redis-server) or run scripts/setup.sh")
+        redis_dir = self.log_dir / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            server, "--bind", "127.0.0.1", "--port", str(self.redis_port), "--dir", str(redis_dir.resolve()),
+            "--save", "", "--appendonly", "yes",
+            "--maxmemory-policy", "noeviction",  # kombu's routing tables must never be evicted
+        ]
+        self.redis_process = subprocess.Popen(command, stdout=open(self.log_dir / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        client = redis.Redis(host="127.0.0.1", port=self.redis_port)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.redis_process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start; see {self.log_dir / 'redis.log'}") from None
+                time.sleep(0.1)
+        logger.info("started Redis on %s", self.broker_url)
+
+    def start_worker(self, name: str) -> str:
+        """Start one worker process named NAME@host and return its node name."""
+        node = f"{name}@{socket.gethostname()}"
+        command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", node,
+                   "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+        log = open(self.log_dir / f"{name}.log", "ab")
+        self.workers[node] = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so a kill reaches the pool child too
+        )
+        logger.info("started worker %s (pid %d)", node, self.workers[node].pid)
+        return node
+
+    def start_flower(self) -> None:
+        command = [sys.executable, "-m", "celery", "-A", "tasks", "flower",
+                   "--address=127.0.0.1", f"--port={self.flower_port}"]
+        log = open(self.log_dir / "flower.log", "ab")
+        self.flower_process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=self.environment(), stdout=log, stderr=subprocess.STDOUT)
+        logger.info("started Flower on %s", self.flower_url)
+
+    def wait_for_workers(self, count: int, timeout: float = 120.0) -> None:
+        """Wait until `count` workers have heartbeats, failing early when one exits."""
+        client = redis.Redis(host="127.0.0.1", port=self.redis_port)
+        deadline = time.monotonic() + timeout
+        while len(read_heartbeats(client)) < count:
+            for node, process in self.workers.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"worker {node} exited with code {process.returncode}; see {self.log_dir}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers did not report within {timeout:.0f} s; see {self.log_dir}")
+            time.sleep(0.2)
+
+    def stop_worker(self, node: str, *, kill: bool = False) -> None:
+        process = self.workers.pop(node)
+        _stop(process, signal.SIGKILL if kill else signal.SIGTERM)
+
+    def stop(self) -> None:
+        for node in list(self.workers):
+            self.stop_worker(node)
+        if self.flower_process is not None:
+            _stop(self.flower_process, signal.SIGTERM)
+            self.flower_process = None
+        if self.redis_process is not None:
+            _stop(self.redis_process, signal.SIGTERM)
+            self.redis_process = None
+        logger.info("stopped the local farm")
+
+
+def _stop(process: subprocess.Popen, sig: int, timeout: float = 20.0) -> None:
+    if process.poll() is None:
+        if sig == signal.SIGKILL:
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                pass
+        else:
+            process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,98 @@
+"""Per-segment vote counting: replicas, their outcomes, and agreement by (digest, loss bits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PENDING = "pending"
+AGREED = "ok"
+FAILED = "failed"  # the worker reported an error
+REJECTED = "rejected"  # the result failed verification
+TIMED_OUT = "timed out"
+
+
+@dataclass
+class Replica:
+    """One assignment of a segment job to one worker, and what became of it."""
+
+    assignment_id: str
+    worker: str
+    segment: int
+    issued_at: float
+    deadline: float  # monotonic seconds; past it a pending replica times out
+    status: str = PENDING
+    weights_digest: str = ""
+    loss: float = 0.0
+    loss_bits: str = ""
+    reason: str = ""
+
+    def summary(self) -> dict:
+        return {
+            "assignment_id": self.assignment_id,
+            "worker": self.worker,
+            "status": self.status,
+            "weights_digest": self.weights_digest,
+            "loss": self.loss,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class SegmentVote:
+    """Replicas of one segment job; accepted once `quorum` distinct workers return the same bits."""
+
+    segment: int
+    quorum: int
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    # (weights digest, loss bits) -> workers that returned it
+    groups: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+
+    def add(self, replica: Replica) -> None:
+        if replica.worker in self.workers():
+            raise ValueError(f"worker {replica.worker} already has a replica of segment {self.segment}")
+        self.replicas[replica.assignment_id] = replica
+
+    def workers(self) -> set[str]:
+        return {replica.worker for replica in self.replicas.values()}
+
+    def pending(self) -> list[Replica]:
+        return [replica for replica in self.replicas.values() if replica.status == PENDING]
+
+    def record_agreeable(self, assignment_id: str, weights_digest: str, loss: float, bits: str) -> None:
+        """Count a verified result as one vote for its (digest, loss bits) group."""
+        replica = self._pending(assignment_id)
+        replica.status, replica.weights_digest, replica.loss, replica.loss_bits = AGREED, weights_digest, loss, bits
+        self.groups.setdefault((weights_digest, bits), set()).add(replica.worker)
+
+    def record_failure(self, assignment_id: str, status: str, reason: str) -> None:
+        replica = self._pending(assignment_id)
+        replica.status, replica.reason = status, reason
+
+    def _pending(self, assignment_id: str) -> Replica:
+        replica = self.replicas[assignment_id]
+        if replica.status != PENDING:
+            raise ValueError(f"assignment {assignment_id} was already counted ({replica.status})")
+        return replica
+
+    @property
+    def decision(self) -> tuple[str, str] | None:
+        """Return the (digest, loss bits) that reached the quorum, if any."""
+        for key, voters in self.groups.items():
+            if len(voters) >= self.quorum:
+                return key
+        return None
+
+    @property
+    def disagreement(self) -> bool:
+        return len(self.groups) > 1
+
+    def shortfall(self) -> int:
+        """Return how many more replicas the segment needs so that a quorum is still reachable."""
+        if self.decision is not None:
+            return 0
+        largest = max((len(voters) for voters in self.groups.values()), default=0)
+        return max(0, self.quorum - largest - len(self.pending()))
+
+    def voters(self) -> list[str]:
+        decision = self.decision
+        return sorted(self.groups[decision]) if decision else []

@@ -1,0 +1,192 @@
+"""The run loop: initial weights, epochs of verified segment jobs, averaging, evaluation, outputs."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from config.settings import FarmSettings, TrainingSettings
+from model.aggregate import weighted_average
+from model.data import data_digest, load_images, segment_images, segment_size, to_inputs
+from model.network import initial_state_dict
+from model.training import configure_torch, evaluate, reconstruct
+from model.weights import encode, model_spec, state_dict_digest
+from orchestrator.client import FarmClient
+from orchestrator.epoch import EpochRunner, Progress, eligible_workers
+from orchestrator.errors import StaffingError
+from orchestrator.plots import plot_losses, plot_reconstructions
+from orchestrator.quorum import SegmentVote
+from orchestrator.rundir import RunDirectory
+from orchestrator.verify import WeightsVerifier
+
+logger = logging.getLogger(__name__)
+
+RECONSTRUCTION_SAMPLES = 10
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    run_dir: Path
+    final_digest: str
+    metrics: list[dict]
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def wait_for_workers(client: FarmClient, *, dataset: str, count: int, timeout: float) -> list[str]:
+    """Wait until `count` eligible workers are live; raise StaffingError naming what was found."""
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        heartbeats = client.live_workers()
+        eligible = eligible_workers(heartbeats, dataset)
+        if len(eligible) >= count:
+            return eligible
+        if time.monotonic() >= deadline:
+            unhealthy = [f"{name} ({record.get('health')})" for name, record in heartbeats.items() if name not in eligible]
+            raise StaffingError(
+                f"need {count} live workers with {dataset} for the replicas, found {len(eligible)} "
+                f"after {timeout:.0f} s: {eligible or 'none'}"
+                + (f"; not eligible: {', '.join(unhealthy)}" if unhealthy else "")
+                + ". Start workers with: celery -A tasks worker -n NAME@%h (each NAME unique)"
+            )
+        if not announced:
+            logger.info("waiting up to %.0f s for %d live workers (found %d)", timeout, count, len(eligible))
+            announced = True
+        time.sleep(0.5)
+
+
+def run_training(
+    *,
+    client: FarmClient,
+    training: TrainingSettings,
+    farm: FarmSettings,
+    epochs: int,
+    run_dir: Path,
+    data_root: Path,
+    download: bool = False,
+    run_id: str | None = None,
+    progress_factory: Callable[[int], Progress] | None = None,
+) -> RunResult:
+    """Train for `epochs` epochs on the farm and write the run directory; return the final digest."""
+    training.validate()
+    farm.validate()
+    run_id = run_id or new_run_id()
+    configure_torch(1)  # the orchestrator's own math is light; leave the cores to the workers
+    progress_factory = progress_factory or (lambda epoch: Progress())
+
+    # Data: segment digests and sizes for the jobs, the test set for evaluation.
+    images = load_images(str(data_root), training.dataset, train=True, download=download)
+    if training.subset:
+        images = images[: training.subset]
+    segments = [segment_images(images, training.segments, k) for k in range(training.segments)]
+    data_digests = [data_digest(training.dataset, training.segments, k, part) for k, part in enumerate(segments)]
+    sizes = [segment_size(images.shape[0], training.segments, k) for k in range(training.segments)]
+    test_inputs = to_inputs(load_images(str(data_root), training.dataset, train=False, download=download))
+
+    # Run directory and initial weights.
+    directory = RunDirectory(run_dir)
+    directory.create({
+        "run_id": run_id,
+        "created_at": time.time(),
+        "epochs": epochs,
+        "training": training.to_dict(),
+        "farm": asdict(farm),
+        "data_root": str(data_root),
+        "data_digests": data_digests,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    })
+    state = initial_state_dict(training.seed)
+    base_digest = state_dict_digest(state)
+    client.store.put(base_digest, encode(state))
+    directory.save_epoch_weights(0, state)
+    logger.info("run %s: %d epochs, %d segments x %d replicas, quorum %d, initial weights %s, run directory %s",
+                run_id, epochs, training.segments, farm.replicas, farm.quorum, base_digest[:12], run_dir)
+
+    status = {"run_id": run_id, "run_dir": str(Path(run_dir).resolve()), "epochs": epochs, "state": "running"}
+
+    def publish(epoch: int, votes: dict[int, SegmentVote]) -> None:
+        status.update(epoch=epoch, updated_at=time.time(), segments={
+            str(k): {"decision": vote.decision[0] if vote.decision else None,
+                     "replicas": [replica.summary() for replica in vote.replicas.values()]}
+            for k, vote in votes.items()
+        })
+        directory.write_state(status)
+        client.publish_status(status)
+
+    wait_for_workers(client, dataset=training.dataset, count=farm.replicas, timeout=farm.worker_wait)
+    runner = EpochRunner(client=client, run_id=run_id, training=training, farm=farm,
+                         data_digests=data_digests, verifier=WeightsVerifier(client.store, model_spec()),
+                         on_change=publish)
+    try:
+        for epoch in range(1, epochs + 1):
+            started = time.monotonic()
+            progress = progress_factory(epoch)
+            try:
+                outcome = runner.run_epoch(epoch, base_digest, progress)
+            finally:
+                progress.close()
+
+            # Aggregate: the size-weighted average of the accepted segment weights.
+            state = weighted_average([outcome.states[k] for k in range(training.segments)], sizes)
+            base_digest = state_dict_digest(state)
+            client.store.put(base_digest, encode(state))
+            runner.verifier.forget_except(set())
+            directory.save_epoch_weights(epoch, state)
+
+            # Evaluate and record.
+            test_loss = evaluate(state, test_inputs)
+            train_loss = sum(outcome.accepted[k][1] * sizes[k] for k in range(training.segments)) / sum(sizes)
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "test_loss": test_loss,
+                "weights_digest": base_digest,
+                "accepted": len(outcome.accepted),
+                "segments": training.segments,
+                "disagreements": outcome.disagreements,
+                "reissues": outcome.reissues,
+                "rejected": [asdict(r) for r in outcome.rejected],
+                "failed": [asdict(r) for r in outcome.failed],
+                "accepted_segments": [
+                    {"segment": k, "weights_digest": d, "loss": loss, "voters": voters}
+                    for k, (d, loss, voters) in sorted(outcome.accepted.items())
+                ],
+                "wall_seconds": time.monotonic() - started,
+            }
+            directory.append_metrics(record)
+            logger.info(
+                "epoch %d/%d: train loss %.5f, test loss %.5f, accepted %d/%d segments, %d disagreements, "
+                "%d re-issues, %d rejected, %.1f s",
+                epoch, epochs, train_loss, test_loss, len(outcome.accepted), training.segments,
+                outcome.disagreements, outcome.reissues, len(outcome.rejected), record["wall_seconds"],
+            )
+    except BaseException:
+        status.update(state="failed", updated_at=time.time())
+        directory.write_state(status)
+        client.publish_status(status)
+        raise
+
+    # Final outputs.
+    directory.save_final(state)
+    metrics = directory.read_metrics()
+    plot_losses(metrics, directory.path / "loss.png")
+    samples = test_inputs[:RECONSTRUCTION_SAMPLES]
+    plot_reconstructions(samples, reconstruct(state, samples), directory.path / "reconstructions.png")
+    status.update(state="finished", final_digest=base_digest, updated_at=time.time())
+    directory.write_state(status)
+    client.publish_status(status)
+    client.redis.delete(runner.reply_key)
+    logger.info("run %s finished: final weights %s in %s", run_id, base_digest[:12], directory.path / "final.safetensors")
+    return RunResult(run_id=run_id, run_dir=directory.path, final_digest=base_digest, metrics=metrics)

@@ -1,0 +1,72 @@
+"""Checks every result must pass before its vote counts: binding to an assignment, then the weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.weights import DEFAULT_MAX_BLOB_BYTES, Spec, StateDict, WeightsError, decode_verified
+from orchestrator.quorum import PENDING, Replica
+from protocol.messages import Result
+from protocol.store import StoreError, WeightStore
+
+
+class Rejection(Exception):
+    """A result does not count; `reason` says why in words fit for the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class EpochContext:
+    """What every result of the current epoch must name."""
+
+    run_id: str
+    epoch: int
+    base_digest: str
+
+
+def check_binding(result: Result, replica: Replica | None, context: EpochContext) -> Replica:
+    """Return the outstanding replica that `result` answers, or raise Rejection."""
+    if result.run_id != context.run_id:
+        raise Rejection(f"result for another run {result.run_id!r}")
+    if result.epoch != context.epoch:
+        raise Rejection(f"stale result from epoch {result.epoch}, current epoch is {context.epoch}")
+    if replica is None:
+        raise Rejection(f"unknown assignment {result.assignment_id}: no such job was issued this epoch")
+    if result.worker != replica.worker:
+        raise Rejection(f"assignment {result.assignment_id} belongs to {replica.worker}, result claims {result.worker}")
+    if result.segment != replica.segment:
+        raise Rejection(f"assignment {result.assignment_id} is for segment {replica.segment}, result claims {result.segment}")
+    if result.base_digest != context.base_digest:
+        raise Rejection(f"result trained from base {result.base_digest[:16]}, epoch base is {context.base_digest[:16]}")
+    if replica.status != PENDING:
+        raise Rejection(f"assignment {result.assignment_id} was already counted ({replica.status})")
+    return replica
+
+
+class WeightsVerifier:
+    """Fetch result weights by digest, re-hash and validate them, caching each verified digest."""
+
+    def __init__(self, store: WeightStore, spec: Spec, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> None:
+        self._store = store
+        self._spec = spec
+        self._max_bytes = max_bytes
+        self._verified: dict[str, StateDict] = {}
+
+    def load(self, digest: str) -> StateDict:
+        """Return the verified state_dict for `digest`, or raise Rejection with the reason."""
+        if digest in self._verified:
+            return self._verified[digest]
+        try:
+            blob = self._store.get(digest)
+            state_dict = decode_verified(blob, digest, self._spec, max_bytes=self._max_bytes)
+        except (StoreError, WeightsError) as error:
+            raise Rejection(str(error)) from None
+        self._verified[digest] = state_dict
+        return state_dict
+
+    def forget_except(self, keep: set[str]) -> None:
+        """Drop cached weights other than `keep`, so memory stays flat across epochs."""
+        self._verified = {digest: sd for digest, sd in self._verified.items() if digest in keep}

@@ -1,0 +1,147 @@
+"""The segment training task: fetch base weights by digest, check the data, train, store, reply."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.log import get_task_logger
+
+from config.settings import SettingsError, TrainingSettings, data_root_from_env, store_url_from_env
+from protocol.messages import TASK_NAME, Job, ProtocolError, Result, loss_bits
+from protocol.store import RedisWeightStore, StoreError
+from tasks.app import app
+
+logger = get_task_logger(__name__)
+
+RESULTS_PREFIX = "farm:results:"
+
+
+class JobRejected(Exception):
+    """The job message is malformed, expired or addressed to another worker; nothing was trained."""
+
+
+class JobFailed(Exception):
+    """The job could not be trained here (dataset mismatch, missing weights, time limit)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(store_url_from_env())
+
+
+@functools.lru_cache(maxsize=1)
+def _store() -> RedisWeightStore:
+    return RedisWeightStore(store_url_from_env())
+
+
+@functools.lru_cache(maxsize=8)
+def _segment(root: str, dataset: str, subset: int, segments: int, segment: int):
+    """Return (inputs, data digest) of one segment, loaded and hashed once per process."""
+    from model.data import data_digest, load_images, segment_images, to_inputs
+
+    images = load_images(root, dataset, train=True)
+    if subset:
+        images = images[:subset]
+    part = segment_images(images, segments, segment)
+    return to_inputs(part), data_digest(dataset, segments, segment, part)
+
+
+def _reply(job: Job, result: Result) -> None:
+    _redis().rpush(job.reply_to, json.dumps(result.to_message()))
+
+
+def _train(job: Job, worker: str, started: float) -> Result:
+    from model.training import job_seed, train_segment
+    from model.weights import decode_verified, encode, model_spec, state_dict_digest
+    from model.data import DatasetError
+
+    settings = TrainingSettings.from_dict(job.training)
+    inputs, digest = _segment(str(data_root_from_env()), settings.dataset, settings.subset, settings.segments, job.segment)
+    if digest != job.data_digest:
+        raise DatasetError(
+            f"dataset mismatch: {settings.dataset} segment {job.segment}/{settings.segments} hashes to "
+            f"{digest[:16]} under data root {data_root_from_env()}, the job expects {job.data_digest[:16]}; "
+            f"point FARM_DATA_ROOT at an unmodified copy of the dataset"
+        )
+
+    base = decode_verified(_store().get(job.base_digest), job.base_digest, model_spec())
+    new_state, loss = train_segment(base, inputs, settings, seed=job_seed(settings.seed, job.epoch, job.segment))
+    weights_digest = state_dict_digest(new_state)
+    _store().put(weights_digest, encode(new_state))
+    return Result(
+        run_id=job.run_id,
+        epoch=job.epoch,
+        segment=job.segment,
+        assignment_id=job.assignment_id,
+        worker=worker,
+        base_digest=job.base_digest,
+        status="ok",
+        weights_digest=weights_digest,
+        loss=loss,
+        loss_bits=loss_bits(loss),
+        seconds=time.monotonic() - started,
+    )
+
+
+def _parse(message: object, worker: str) -> Job:
+    try:
+        job = Job.from_message(message)
+    except ProtocolError as error:
+        raise JobRejected(f"malformed job: {error}") from None
+    if job.worker != worker:
+        raise JobRejected(f"job {job.assignment_id} is assigned to {job.worker}, not to {worker}")
+    if not job.reply_to.startswith(RESULTS_PREFIX):
+        raise JobRejected(f"job {job.assignment_id} has reply_to {job.reply_to!r} outside {RESULTS_PREFIX}*")
+    if time.time() > job.expires_at:
+        raise JobRejected(f"job {job.assignment_id} expired at {job.expires_at:.0f}")
+    return job
+
+
+# `throws` marks the expected failures: Celery records them without a traceback.
+@app.task(name=TASK_NAME, bind=True, throws=(JobRejected, JobFailed))
+def train_segment_job(self, message: dict) -> dict:
+    """Train one replica of a segment job and push the result to the job's reply list."""
+    started = time.monotonic()
+    worker = self.request.hostname
+    try:
+        job = _parse(message, worker)
+    except JobRejected as error:
+        logger.warning("rejected job %s: %s", self.request.id, error)
+        raise
+    logger.info(
+        "job started: run %s epoch %d segment %d assignment %s base %s",
+        job.run_id, job.epoch, job.segment, job.assignment_id, job.base_digest[:12],
+    )
+
+    from model.data import DatasetError
+    from model.weights import WeightsError
+
+    try:
+        result = _train(job, worker, started)
+    except Exception as error:  # every failure becomes an error result, so the orchestrator re-issues at once
+        if isinstance(error, SoftTimeLimitExceeded):
+            reason = "timed out: soft time limit reached"
+        elif isinstance(error, (DatasetError, StoreError, WeightsError, SettingsError)):
+            reason = str(error)
+        else:
+            reason = f"internal error: {type(error).__name__}: {error}"
+            logger.exception("job %s raised an unexpected error", job.assignment_id)
+        logger.error("job failed: assignment %s segment %d: %s", job.assignment_id, job.segment, reason)
+        failure = Result(
+            run_id=job.run_id, epoch=job.epoch, segment=job.segment, assignment_id=job.assignment_id,
+            worker=worker, base_digest=job.base_digest, status="error", error=reason,
+            seconds=time.monotonic() - started,
+        )
+        _reply(job, failure)
+        raise JobFailed(reason) from None
+
+    _reply(job, result)
+    logger.info(
+        "job done: assignment %s segment %d weights %s loss %.6f in %.2f s",
+        job.assignment_id, job.segment, result.weights_digest[:12], result.loss, result.seconds,
+    )
+    return result.to_message()

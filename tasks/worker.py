@@ -1,0 +1,126 @@
+"""Worker lifecycle: a private queue per worker, heartbeats, and torch set up in the pool child."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import redis
+from celery import bootsteps
+from celery.signals import celeryd_after_setup, worker_process_init
+from celery.utils.log import get_logger
+from celery.worker import state as worker_state
+
+from config.settings import DATASETS, data_root_from_env, store_url_from_env
+from protocol.heartbeat import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, heartbeat_key
+from protocol.messages import worker_queue
+from tasks.app import app
+
+logger = get_logger(__name__)
+
+
+@celeryd_after_setup.connect
+def consume_own_queue(sender: str, instance, **_) -> None:
+    """Consume only this worker's queue, so the orchestrator alone decides who trains what."""
+    queues = instance.app.amqp.queues
+    queues.select_add(worker_queue(sender))
+    queues.deselect(instance.app.conf.task_default_queue)
+    logger.info("worker %s consumes queue %s", sender, worker_queue(sender))
+
+
+@worker_process_init.connect
+def configure_pool_child(**_) -> None:
+    """Import and configure torch in the pool child, after the fork."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    torch.use_deterministic_algorithms(True)
+    logger.info("pool child %d ready: torch %s, %d thread", os.getpid(), torch.__version__, torch.get_num_threads())
+
+
+def dataset_health(root: Path) -> dict[str, bool]:
+    """Return which datasets have their raw training files under the data root."""
+    return {
+        name: (root / folder / "raw" / "train-images-idx3-ubyte").is_file()
+        and (root / folder / "raw" / "t10k-images-idx3-ubyte").is_file()
+        for name, folder in DATASETS.items()
+    }
+
+
+class Heartbeat(bootsteps.StartStopStep):
+    """Refresh this worker's heartbeat record from the parent's event loop, busy or not."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, parent, **kwargs) -> None:
+        super().__init__(parent, **kwargs)
+        self.timer_entry = None
+        self.client: redis.Redis | None = None
+        self.instance = uuid.uuid4().hex
+        self.started_at = time.time()
+
+    def start(self, parent) -> None:
+        self.client = redis.Redis.from_url(store_url_from_env(), socket_timeout=5)
+        self.claim_name(parent.hostname)
+        self.beat(parent)
+        self.timer_entry = parent.timer.call_repeatedly(HEARTBEAT_INTERVAL, self.beat, (parent,), priority=10)
+        logger.info("worker %s started heartbeats every %.0f s", parent.hostname, HEARTBEAT_INTERVAL)
+
+    def stop(self, parent) -> None:
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+            self.timer_entry = None
+        if self.client is not None:
+            try:
+                self.client.delete(heartbeat_key(parent.hostname))
+            except redis.RedisError:
+                pass
+        logger.info("worker %s stopped heartbeats", parent.hostname)
+
+    def claim_name(self, name: str) -> None:
+        """Refuse to start while another live worker uses the same name, since names are identities."""
+        deadline = time.monotonic() + HEARTBEAT_TTL + HEARTBEAT_INTERVAL
+        first = self.client.get(heartbeat_key(name))
+        while first is not None and time.monotonic() < deadline:
+            time.sleep(1.5 * HEARTBEAT_INTERVAL)  # longer than one refresh period
+            current = self.client.get(heartbeat_key(name))
+            if current is None or current == first:
+                return  # the old record expired or stopped changing: its owner is gone
+            first = current
+        if first is not None:
+            raise RuntimeError(
+                f"another live worker is named {name!r}; start this one with a unique "
+                f"name, for example: celery -A tasks worker -n {name.split('@')[0]}-2@%h"
+            )
+
+    def beat(self, parent) -> None:
+        root = data_root_from_env()
+        datasets = dataset_health(root)
+        active = sorted(request.id for request in worker_state.active_requests)
+        record = {
+            "worker": parent.hostname,
+            "instance": self.instance,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "beat_at": time.time(),
+            "datasets": datasets,
+            "data_root": str(root),
+            "health": "ok" if any(datasets.values()) else f"unhealthy: no dataset under data root {root}",
+            "active": active,
+            "processed": worker_state.total_count.get("farm.train_segment", 0),
+        }
+        try:
+            self.client.set(heartbeat_key(parent.hostname), json.dumps(record), ex=HEARTBEAT_TTL)
+        except redis.RedisError as error:
+            logger.warning("worker %s heartbeat failed: %s", parent.hostname, error)
+
+
+app.steps["worker"].add(Heartbeat)
