@@ -160,10 +160,9 @@ def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
     return training, farm
 
 
-def _train(client: FarmClient, options: dict):
+def _train(client: FarmClient, training: TrainingSettings, farm: FarmSettings, options: dict):
     from orchestrator.training import new_run_id, run_training
 
-    training, farm = _settings(options)
     run_id = new_run_id()
     run_dir = options["run_dir"] or Path("runs") / run_id
     try:
@@ -188,7 +187,7 @@ def _report(result) -> None:
     click.echo(f"Run directory: {result.run_dir.resolve()} (final.safetensors, metrics.jsonl, loss.png, reconstructions.png)")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
     """Train a model on a farm of untrusted Celery workers with redundant, verified segment jobs."""
 
@@ -199,8 +198,9 @@ def main() -> None:
 def run(**options) -> None:
     """Train on the workers that are live on the broker and write the run directory."""
     _configure_logging(options["verbose"])
+    training, farm = _settings(options)
     client = _connect(options["broker_url"], options["store_url"])
-    _report(_train(client, options))
+    _report(_train(client, training, farm, options))
 
 
 @main.command()
@@ -234,7 +234,7 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
         if farm_processes.flower_url:
             click.echo(f"Flower UI: {farm_processes.flower_url}")
         client = _connect(farm_processes.broker_url, None)
-        result = _train(client, options)
+        result = _train(client, training, farm, options)
         _report(result)
         if farm_processes.flower_url:
             click.echo(f"Flower UI (up while the farm runs): {farm_processes.flower_url}")

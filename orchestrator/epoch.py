@@ -18,6 +18,7 @@ from orchestrator.errors import QuorumError, StaffingError
 from orchestrator.quorum import FAILED, PENDING, REJECTED, TIMED_OUT, Replica, SegmentVote
 from orchestrator.verify import EpochContext, Rejection, WeightsVerifier, check_binding
 from protocol.messages import Job, ProtocolError, Result
+from protocol.store import replica_weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class EpochOutcome:
 
     accepted: dict[int, tuple[str, float, list[str]]]
     states: dict[int, StateDict]
+    replicas: dict[int, list[dict]]  # segment -> every replica issued, with its worker and outcome
     disagreements: int
     reissues: int
     rejected: list[RejectedResult] = field(default_factory=list)
@@ -158,7 +160,9 @@ class EpochRunner:
 
         # Drop replicas nobody needs any more, so idle capacity returns for the next epoch.
         self.client.revoke([r.assignment_id for vote in self._votes.values() for r in vote.pending()])
-        return self._outcome(reissues)
+        outcome = self._outcome(reissues)
+        self.client.delete_replica_weights([a for vote in self._votes.values() for a in vote.replicas])
+        return outcome
 
     def _time_to_next_deadline(self, next_liveness_check: float) -> float:
         deadlines = [r.deadline for vote in self._votes.values() for r in vote.pending()]
@@ -182,7 +186,7 @@ class EpochRunner:
             self._fail(vote, replica, FAILED, f"worker reported an error: {result.error}", progress)
             return True
         try:
-            self.verifier.load(result.weights_digest)
+            self.verifier.verify(replica_weights_key(result.assignment_id), result.weights_digest)
         except Rejection as rejection:
             # The assignment is used up: a worker gets one answer per assignment.
             self._reject(result.assignment_id, result.worker, result.segment, rejection.reason)
@@ -254,10 +258,11 @@ class EpochRunner:
             digest, bits = vote.decision
             loss = next(r.loss for r in vote.replicas.values() if (r.weights_digest, r.loss_bits) == (digest, bits))
             accepted[segment] = (digest, loss, vote.voters())
-            states[segment] = self.verifier.load(digest)
+            states[segment] = self.verifier.state_dict(digest)
         return EpochOutcome(
             accepted=accepted,
             states=states,
+            replicas={k: [r.summary() for r in vote.replicas.values()] for k, vote in self._votes.items()},
             disagreements=sum(vote.disagreement for vote in self._votes.values()),
             reissues=sum(reissues.values()),
             rejected=self._rejected,

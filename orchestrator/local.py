@@ -115,10 +115,10 @@ class LocalFarm:
                 time.sleep(0.1)
         logger.info("started Redis on %s", self.broker_url)
 
-    def start_worker(self, name: str) -> str:
-        """Start one worker process named NAME@host and return its node name."""
+    def start_worker(self, name: str, *, app: str = "tasks") -> str:
+        """Start one worker process of Celery app module `app`, named NAME@host; return its node name."""
         node = f"{name}@{socket.gethostname()}"
-        command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", node,
+        command = [sys.executable, "-m", "celery", "-A", app, "worker", "-n", node,
                    "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
         log = open(self.log_dir / f"{name}.log", "ab")
         self.workers[node] = subprocess.Popen(

@@ -25,6 +25,7 @@ from orchestrator.plots import plot_losses, plot_reconstructions
 from orchestrator.quorum import SegmentVote
 from orchestrator.rundir import RunDirectory
 from orchestrator.verify import WeightsVerifier
+from protocol.store import base_weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def run_training(
     })
     state = initial_state_dict(training.seed)
     base_digest = state_dict_digest(state)
-    client.store.put(base_digest, encode(state))
+    client.store.put(base_weights_key(base_digest), encode(state))
     directory.save_epoch_weights(0, state)
     logger.info("run %s: %d epochs, %d segments x %d replicas, quorum %d, initial weights %s, run directory %s",
                 run_id, epochs, training.segments, farm.replicas, farm.quorum, base_digest[:12], run_dir)
@@ -141,8 +142,8 @@ def run_training(
             # Aggregate: the size-weighted average of the accepted segment weights.
             state = weighted_average([outcome.states[k] for k in range(training.segments)], sizes)
             base_digest = state_dict_digest(state)
-            client.store.put(base_digest, encode(state))
-            runner.verifier.forget_except(set())
+            client.store.put(base_weights_key(base_digest), encode(state))
+            runner.verifier.clear()
             directory.save_epoch_weights(epoch, state)
 
             # Evaluate and record.
@@ -160,7 +161,8 @@ def run_training(
                 "rejected": [asdict(r) for r in outcome.rejected],
                 "failed": [asdict(r) for r in outcome.failed],
                 "accepted_segments": [
-                    {"segment": k, "weights_digest": d, "loss": loss, "voters": voters}
+                    {"segment": k, "weights_digest": d, "loss": loss, "voters": voters,
+                     "replicas": outcome.replicas[k]}
                     for k, (d, loss, voters) in sorted(outcome.accepted.items())
                 ],
                 "wall_seconds": time.monotonic() - started,

@@ -47,7 +47,7 @@ def check_binding(result: Result, replica: Replica | None, context: EpochContext
 
 
 class WeightsVerifier:
-    """Fetch result weights by digest, re-hash and validate them, caching each verified digest."""
+    """Fetch result weights, re-hash and validate them, and keep each verified digest's state_dict."""
 
     def __init__(self, store: WeightStore, spec: Spec, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> None:
         self._store = store
@@ -55,18 +55,19 @@ class WeightsVerifier:
         self._max_bytes = max_bytes
         self._verified: dict[str, StateDict] = {}
 
-    def load(self, digest: str) -> StateDict:
-        """Return the verified state_dict for `digest`, or raise Rejection with the reason."""
-        if digest in self._verified:
-            return self._verified[digest]
+    def verify(self, key: str, digest: str) -> StateDict:
+        """Return the state_dict stored under `key` if it hashes to `digest`, or raise Rejection."""
         try:
-            blob = self._store.get(digest)
+            blob = self._store.get(key)
             state_dict = decode_verified(blob, digest, self._spec, max_bytes=self._max_bytes)
         except (StoreError, WeightsError) as error:
             raise Rejection(str(error)) from None
-        self._verified[digest] = state_dict
-        return state_dict
+        return self._verified.setdefault(digest, state_dict)
 
-    def forget_except(self, keep: set[str]) -> None:
-        """Drop cached weights other than `keep`, so memory stays flat across epochs."""
-        self._verified = {digest: sd for digest, sd in self._verified.items() if digest in keep}
+    def state_dict(self, digest: str) -> StateDict:
+        """Return weights verified earlier under `digest`."""
+        return self._verified[digest]
+
+    def clear(self) -> None:
+        """Drop every verified state_dict, so memory stays flat across epochs."""
+        self._verified.clear()

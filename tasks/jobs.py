@@ -12,7 +12,7 @@ from celery.utils.log import get_task_logger
 
 from config.settings import SettingsError, TrainingSettings, data_root_from_env, store_url_from_env
 from protocol.messages import TASK_NAME, Job, ProtocolError, Result, loss_bits
-from protocol.store import RedisWeightStore, StoreError
+from protocol.store import RedisWeightStore, StoreError, base_weights_key, replica_weights_key
 from tasks.app import app
 
 logger = get_task_logger(__name__)
@@ -68,10 +68,10 @@ def _train(job: Job, worker: str, started: float) -> Result:
             f"point FARM_DATA_ROOT at an unmodified copy of the dataset"
         )
 
-    base = decode_verified(_store().get(job.base_digest), job.base_digest, model_spec())
+    base = decode_verified(_store().get(base_weights_key(job.base_digest)), job.base_digest, model_spec())
     new_state, loss = train_segment(base, inputs, settings, seed=job_seed(settings.seed, job.epoch, job.segment))
     weights_digest = state_dict_digest(new_state)
-    _store().put(weights_digest, encode(new_state))
+    _store().put(replica_weights_key(job.assignment_id), encode(new_state))
     return Result(
         run_id=job.run_id,
         epoch=job.epoch,

@@ -1,0 +1,62 @@
+"""A misbehaving worker for tests. It speaks the real protocol over the real broker and lies as told.
+
+    celery -A tests.attackers.worker worker -n mallory@%h
+
+It reuses the production app (queue, heartbeats, torch setup) but replaces the training
+task in its own process only. The test picks the lie by setting ATTACK_MODE_KEY in Redis:
+
+    honest       behave like a production worker
+    corrupt      store random bytes and claim the honest digest
+    wrong-shape  return weights with one tensor transposed
+    nan          return weights with a NaN in one tensor
+    unknown-job  first send a result for an assignment that was never issued
+    wrong-loss   return the honest weights with a slightly different loss
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import torch
+
+from protocol.messages import TASK_NAME, Result, loss_bits
+from protocol.store import replica_weights_key
+from tasks import app, jobs
+
+ATTACK_MODE_KEY = "test:attack-mode"
+
+app.tasks.unregister(TASK_NAME)
+
+
+@app.task(name=TASK_NAME, bind=True)
+def lying_train_segment(self, message: dict) -> dict:
+    from model.weights import decode, encode, model_spec, state_dict_digest
+
+    started = time.monotonic()
+    job = jobs._parse(message, self.request.hostname)
+    honest = jobs._train(job, self.request.hostname, started)
+    mode = (jobs._redis().get(ATTACK_MODE_KEY) or b"honest").decode()
+    key = replica_weights_key(job.assignment_id)
+    result = honest
+
+    if mode == "corrupt":
+        jobs._store().put(key, secrets.token_bytes(4096))
+    elif mode in ("wrong-shape", "nan"):
+        weights = decode(jobs._store().get(key), model_spec())
+        if mode == "wrong-shape":
+            weights["encoder.0.weight"] = weights["encoder.0.weight"].t().contiguous()
+        else:
+            weights["decoder.4.weight"][0, 0] = torch.nan
+        digest = state_dict_digest(weights)
+        jobs._store().put(key, encode(weights))
+        result = Result(**{**honest.__dict__, "weights_digest": digest})
+    elif mode == "unknown-job":
+        bogus = Result(**{**honest.__dict__, "assignment_id": secrets.token_hex(16)})
+        jobs._reply(job, bogus)
+    elif mode == "wrong-loss":
+        loss = honest.loss + 1e-4
+        result = Result(**{**honest.__dict__, "loss": loss, "loss_bits": loss_bits(loss)})
+
+    jobs._reply(job, result)
+    return result.to_message()

@@ -1,0 +1,113 @@
+"""End to end over real Redis and three real Celery worker processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from config.settings import TrainingSettings
+from model.network import initial_state_dict
+from model.weights import encode, state_dict_digest
+from orchestrator.cli import main
+from protocol.heartbeat import read_heartbeats
+from protocol.messages import Job, Result
+from protocol.store import base_weights_key
+from tests.farmrun import train
+
+
+@pytest.fixture(scope="module")
+def honest_run(client, data_root, tmp_path_factory):
+    return train(client, tmp_path_factory.mktemp("run") / "first", data_root)
+
+
+def test_every_segment_accepted(honest_run):
+    for record in honest_run.metrics:
+        assert record["accepted"] == record["segments"] == 2
+        assert record["rejected"] == []
+
+
+def test_replicas_ran_on_distinct_workers(honest_run):
+    for record in honest_run.metrics:
+        for segment in record["accepted_segments"]:
+            workers = [replica["worker"] for replica in segment["replicas"]]
+            assert len(workers) == 2
+            assert len(set(workers)) == len(workers)
+            assert sorted(segment["voters"]) == sorted(workers)
+
+
+def test_test_loss_fell(honest_run):
+    first, second = honest_run.metrics
+    assert second["test_loss"] < first["test_loss"]
+
+
+def test_run_directory_complete(honest_run):
+    for name in ("run.json", "metrics.jsonl", "state.json", "final.safetensors", "loss.png",
+                 "reconstructions.png", "weights/epoch-0000.safetensors", "weights/epoch-0002.safetensors"):
+        assert (honest_run.run_dir / name).is_file(), name
+    state = json.loads((honest_run.run_dir / "state.json").read_text())
+    assert state["state"] == "finished"
+    assert state["final_digest"] == honest_run.final_digest
+
+
+def test_identical_runs_same_final_digest(honest_run, client, data_root, tmp_path):
+    again = train(client, tmp_path / "second", data_root)
+    assert again.final_digest == honest_run.final_digest
+    assert again.run_id != honest_run.run_id
+
+
+def test_workers_command_lists_live_workers(farm, honest_run):
+    result = CliRunner().invoke(main, ["workers", "list", "--broker-url", farm.broker_url])
+    assert result.exit_code == 0
+    for node in farm.workers:
+        assert node in result.output
+    assert result.output.count(" ok ") == 3
+
+
+def test_status_command_shows_run(farm, honest_run):
+    result = CliRunner().invoke(main, ["status", "--broker-url", farm.broker_url, "--run-dir", str(honest_run.run_dir)])
+    assert result.exit_code == 0
+    assert f"Run {honest_run.run_id} (finished): epoch 2 of 2" in result.output
+    assert "segment 0: accepted" in result.output
+    assert "segment 1: accepted" in result.output
+
+
+def test_heartbeats_report_health(client, farm):
+    records = read_heartbeats(client.redis)
+    assert sorted(records) == sorted(farm.workers)
+    for record in records.values():
+        assert record["health"] == "ok"
+        assert record["datasets"]["mnist"] is True
+
+
+def test_worker_refuses_dataset_mismatch(client, farm):
+    node = sorted(farm.workers)[0]
+    state = initial_state_dict(0)
+    digest = state_dict_digest(state)
+    client.store.put(base_weights_key(digest), encode(state))
+    job = Job(run_id="mismatch", epoch=1, segment=0, assignment_id="ab" * 16, worker=node,
+              base_digest=digest, data_digest="0" * 64, training=TrainingSettings(subset=2000).to_dict(),
+              reply_to="farm:results:mismatch", issued_at=time.time(), expires_at=time.time() + 60)
+    client.send(job, time_limit=60, expires_in=60)
+
+    reply = client.redis.blpop(["farm:results:mismatch"], timeout=25)
+    assert reply is not None
+    result = Result.from_message(json.loads(reply[1]))
+    assert result.status == "error"
+    assert result.error.startswith("dataset mismatch: mnist segment 0/2 hashes to")
+    assert result.weights_digest == ""
+
+
+def test_pickle_message_never_reaches_task(client, farm):
+    """A pickle-serialized task on a worker's queue is refused by the JSON-only consumer."""
+    node = sorted(farm.workers)[1]
+    client.app.send_task("farm.train_segment", args=[{"pickled": True}], queue=f"farm.worker.{node}",
+                         serializer="pickle", task_id="cd" * 16)
+    time.sleep(3)
+    meta = client.app.backend.get_task_meta("cd" * 16)
+    assert meta["status"] == "PENDING"  # never executed, so no result was ever stored
+    log = (farm.log_dir / f"{node.split('@')[0]}.log").read_text()
+    assert "application/x-python-serialize" in log
