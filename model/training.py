@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from config.settings import TrainingSettings
+from model.data import to_inputs
 from model.network import Autoencoder
 from model.weights import StateDict
 
@@ -26,11 +27,12 @@ def job_seed(run_seed: int, epoch: int, segment: int) -> int:
 
 
 def train_segment(
-    state_dict: StateDict, inputs: torch.Tensor, settings: TrainingSettings, *, seed: int
+    state_dict: StateDict, images: torch.Tensor, settings: TrainingSettings, *, seed: int
 ) -> tuple[StateDict, float]:
-    """Train one pass over `inputs` (N, 784) from `state_dict` with a fresh Adam.
+    """Train one pass over uint8 `images` (N, 28, 28) from `state_dict` with a fresh Adam.
 
-    Returns the new weights and the mean of the per-batch MSE losses. Same inputs, same
+    Batches are scaled to float as they are drawn, so a cached segment costs one byte per pixel.
+    Returns the new weights and the mean of the per-batch MSE losses. Same images, same
     settings and same seed give bit-identical results in any process with the same
     torch build, thread count and numeric environment.
     """
@@ -41,14 +43,14 @@ def train_segment(
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     criterion = nn.MSELoss()
 
-    count = inputs.shape[0]
+    count = images.shape[0]
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(count, generator=generator) if settings.shuffle else torch.arange(count)
 
     loss_sum = 0.0
     batches = 0
     for start in range(0, count, settings.batch_size):
-        x = inputs[order[start : start + settings.batch_size]]  # (batch, 784)
+        x = to_inputs(images[order[start : start + settings.batch_size]])  # (batch, 784)
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), x)
         loss.backward()
@@ -61,22 +63,22 @@ def train_segment(
 
 
 @torch.no_grad()
-def evaluate(state_dict: StateDict, inputs: torch.Tensor, *, batch_size: int = 1000) -> float:
-    """Return the mean squared reconstruction error over every pixel of `inputs` (N, 784)."""
+def evaluate(state_dict: StateDict, images: torch.Tensor, *, batch_size: int = 1000) -> float:
+    """Return the mean squared reconstruction error over every pixel of uint8 `images` (N, 28, 28)."""
     model = Autoencoder()
     model.load_state_dict(state_dict, strict=True)
     model.eval()
     squared_error = 0.0
-    for start in range(0, inputs.shape[0], batch_size):
-        x = inputs[start : start + batch_size]
+    for start in range(0, images.shape[0], batch_size):
+        x = to_inputs(images[start : start + batch_size])
         squared_error += float(((model(x) - x) ** 2).sum(dtype=torch.float64))
-    return squared_error / inputs.numel()
+    return squared_error / images.numel()
 
 
 @torch.no_grad()
-def reconstruct(state_dict: StateDict, inputs: torch.Tensor) -> torch.Tensor:
-    """Return the model's reconstructions of `inputs` (N, 784)."""
+def reconstruct(state_dict: StateDict, images: torch.Tensor) -> torch.Tensor:
+    """Return the model's reconstructions (N, 784) of uint8 `images` (N, 28, 28)."""
     model = Autoencoder()
     model.load_state_dict(state_dict, strict=True)
     model.eval()
-    return model(inputs)
+    return model(to_inputs(images))

@@ -236,10 +236,8 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
         client = _connect(farm_processes.broker_url, None)
         result = _train(client, training, farm, options)
         _report(result)
-        if farm_processes.flower_url:
-            click.echo(f"Flower UI (up while the farm runs): {farm_processes.flower_url}")
         if keep_running:
-            click.echo("Farm still running; press Ctrl-C to stop it.")
+            click.echo(f"Farm still running (Flower UI: {farm_processes.flower_url or 'off'}); press Ctrl-C to stop it.")
             try:
                 while True:
                     time.sleep(1)

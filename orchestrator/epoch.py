@@ -123,14 +123,17 @@ class EpochRunner:
 
     def run_epoch(self, epoch: int, base_digest: str, progress: Progress | None = None) -> EpochOutcome:
         """Train every segment of `epoch` from `base_digest` until each one reaches its quorum."""
-        progress = progress or Progress()
-        context = EpochContext(self.run_id, epoch, base_digest)
+        self.start_epoch(epoch, base_digest)
+        return self.finish_epoch(progress)
+
+    def start_epoch(self, epoch: int, base_digest: str) -> None:
+        """Place R replicas of every segment of `epoch` on distinct workers."""
+        self._context = EpochContext(self.run_id, epoch, base_digest)
         self._votes = {k: SegmentVote(k, self.farm.quorum) for k in range(self.training.segments)}
         self._rejected: list[RejectedResult] = []
         self._failed: list[RejectedResult] = []
-        reissues = Counter()
+        self._reissues = Counter()
 
-        # Place R replicas of every segment on distinct workers.
         eligible = self._eligible()
         if len(eligible) < self.farm.replicas:
             raise StaffingError(
@@ -139,10 +142,14 @@ class EpochRunner:
             )
         for vote in self._votes.values():
             self._issue(vote, self.farm.replicas, epoch=epoch, base_digest=base_digest, eligible=eligible)
-        progress.add(self.farm.replicas * len(self._votes))
         self.on_change(epoch, self._votes)
 
-        # Collect results until every segment is decided, re-issuing where a quorum fell out of reach.
+    def finish_epoch(self, progress: Progress | None = None) -> EpochOutcome:
+        """Collect results of the started epoch until every segment is decided, re-issuing where needed."""
+        progress = progress or Progress()
+        context = self._context
+        progress.add(sum(len(vote.replicas) for vote in self._votes.values()))
+
         next_liveness_check = time.monotonic() + HEARTBEAT_CHECK_INTERVAL
         while any(vote.decision is None for vote in self._votes.values()):
             changed = False
@@ -155,12 +162,12 @@ class EpochRunner:
                 changed |= self._expire_lost_workers(progress)
                 next_liveness_check = now + HEARTBEAT_CHECK_INTERVAL
             if changed:
-                self._reissue_where_short(epoch, base_digest, reissues, progress)
-                self.on_change(epoch, self._votes)
+                self._reissue_where_short(context.epoch, context.base_digest, self._reissues, progress)
+                self.on_change(context.epoch, self._votes)
 
         # Drop replicas nobody needs any more, so idle capacity returns for the next epoch.
         self.client.revoke([r.assignment_id for vote in self._votes.values() for r in vote.pending()])
-        outcome = self._outcome(reissues)
+        outcome = self._outcome(self._reissues)
         self.client.delete_replica_weights([a for vote in self._votes.values() for a in vote.replicas])
         return outcome
 

@@ -19,7 +19,7 @@ from model.network import initial_state_dict
 from model.training import configure_torch, evaluate, reconstruct
 from model.weights import encode, model_spec, state_dict_digest
 from orchestrator.client import FarmClient
-from orchestrator.epoch import EpochRunner, Progress, eligible_workers
+from orchestrator.epoch import EpochOutcome, EpochRunner, Progress, eligible_workers
 from orchestrator.errors import StaffingError
 from orchestrator.plots import plot_losses, plot_reconstructions
 from orchestrator.quorum import SegmentVote
@@ -67,6 +67,27 @@ def wait_for_workers(client: FarmClient, *, dataset: str, count: int, timeout: f
         time.sleep(0.5)
 
 
+def _epoch_record(epoch: int, outcome: EpochOutcome, sizes: list[int], digest: str, test_loss: float) -> dict:
+    """Return the metrics line of one epoch: losses, the aggregate's digest, and every replica's fate."""
+    return {
+        "epoch": epoch,
+        "train_loss": sum(outcome.accepted[k][1] * size for k, size in enumerate(sizes)) / sum(sizes),
+        "test_loss": test_loss,
+        "weights_digest": digest,
+        "accepted": len(outcome.accepted),
+        "segments": len(sizes),
+        "disagreements": outcome.disagreements,
+        "reissues": outcome.reissues,
+        "rejected": [asdict(r) for r in outcome.rejected],
+        "failed": [asdict(r) for r in outcome.failed],
+        "accepted_segments": [
+            {"segment": k, "weights_digest": d, "loss": loss, "voters": voters, "replicas": outcome.replicas[k]}
+            for k, (d, loss, voters) in sorted(outcome.accepted.items())
+        ],
+        "finished_at": time.time(),
+    }
+
+
 def run_training(
     *,
     client: FarmClient,
@@ -93,7 +114,7 @@ def run_training(
     segments = [segment_images(images, training.segments, k) for k in range(training.segments)]
     data_digests = [data_digest(training.dataset, training.segments, k, part) for k, part in enumerate(segments)]
     sizes = [segment_size(images.shape[0], training.segments, k) for k in range(training.segments)]
-    test_inputs = to_inputs(load_images(str(data_root), training.dataset, train=False, download=download))
+    test_images = load_images(str(data_root), training.dataset, train=False, download=download)
 
     # Run directory and initial weights.
     directory = RunDirectory(run_dir)
@@ -131,47 +152,35 @@ def run_training(
                          data_digests=data_digests, verifier=WeightsVerifier(client.store, model_spec()),
                          on_change=publish)
     try:
+        epoch_started = time.monotonic()
+        runner.start_epoch(1, base_digest)
         for epoch in range(1, epochs + 1):
-            started = time.monotonic()
             progress = progress_factory(epoch)
             try:
-                outcome = runner.run_epoch(epoch, base_digest, progress)
+                outcome = runner.finish_epoch(progress)
             finally:
                 progress.close()
 
-            # Aggregate: the size-weighted average of the accepted segment weights.
+            # Aggregate: the size-weighted average of the accepted segment weights, stored before use.
             state = weighted_average([outcome.states[k] for k in range(training.segments)], sizes)
             base_digest = state_dict_digest(state)
             client.store.put(base_weights_key(base_digest), encode(state))
             runner.verifier.clear()
             directory.save_epoch_weights(epoch, state)
 
-            # Evaluate and record.
-            test_loss = evaluate(state, test_inputs)
-            train_loss = sum(outcome.accepted[k][1] * sizes[k] for k in range(training.segments)) / sum(sizes)
-            record = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "test_loss": test_loss,
-                "weights_digest": base_digest,
-                "accepted": len(outcome.accepted),
-                "segments": training.segments,
-                "disagreements": outcome.disagreements,
-                "reissues": outcome.reissues,
-                "rejected": [asdict(r) for r in outcome.rejected],
-                "failed": [asdict(r) for r in outcome.failed],
-                "accepted_segments": [
-                    {"segment": k, "weights_digest": d, "loss": loss, "voters": voters,
-                     "replicas": outcome.replicas[k]}
-                    for k, (d, loss, voters) in sorted(outcome.accepted.items())
-                ],
-                "wall_seconds": time.monotonic() - started,
-            }
+            # Start the next epoch before evaluating this one, so the workers never wait for bookkeeping.
+            next_started = time.monotonic()
+            if epoch < epochs:
+                runner.start_epoch(epoch + 1, base_digest)
+
+            record = _epoch_record(epoch, outcome, sizes, base_digest, evaluate(state, test_images))
+            record["wall_seconds"] = next_started - epoch_started
             directory.append_metrics(record)
+            epoch_started = next_started
             logger.info(
                 "epoch %d/%d: train loss %.5f, test loss %.5f, accepted %d/%d segments, %d disagreements, "
                 "%d re-issues, %d rejected, %.1f s",
-                epoch, epochs, train_loss, test_loss, len(outcome.accepted), training.segments,
+                epoch, epochs, record["train_loss"], record["test_loss"], record["accepted"], training.segments,
                 outcome.disagreements, outcome.reissues, len(outcome.rejected), record["wall_seconds"],
             )
     except BaseException:
@@ -184,8 +193,8 @@ def run_training(
     directory.save_final(state)
     metrics = directory.read_metrics()
     plot_losses(metrics, directory.path / "loss.png")
-    samples = test_inputs[:RECONSTRUCTION_SAMPLES]
-    plot_reconstructions(samples, reconstruct(state, samples), directory.path / "reconstructions.png")
+    samples = test_images[:RECONSTRUCTION_SAMPLES]
+    plot_reconstructions(to_inputs(samples), reconstruct(state, samples), directory.path / "reconstructions.png")
     status.update(state="finished", final_digest=base_digest, updated_at=time.time())
     directory.write_state(status)
     client.publish_status(status)

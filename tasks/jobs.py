@@ -40,14 +40,15 @@ def _store() -> RedisWeightStore:
 
 @functools.lru_cache(maxsize=8)
 def _segment(root: str, dataset: str, subset: int, segments: int, segment: int):
-    """Return (inputs, data digest) of one segment, loaded and hashed once per process."""
-    from model.data import data_digest, load_images, segment_images, to_inputs
+    """Return (uint8 images, data digest) of one segment, loaded and hashed once per process."""
+    from model.data import data_digest, load_images, segment_images
 
     images = load_images(root, dataset, train=True)
     if subset:
         images = images[:subset]
     part = segment_images(images, segments, segment)
-    return to_inputs(part), data_digest(dataset, segments, segment, part)
+    part = part.contiguous()  # a compact copy, so the cache does not pin strided views
+    return part, data_digest(dataset, segments, segment, part)
 
 
 def _reply(job: Job, result: Result) -> None:
@@ -60,7 +61,7 @@ def _train(job: Job, worker: str, started: float) -> Result:
     from model.data import DatasetError
 
     settings = TrainingSettings.from_dict(job.training)
-    inputs, digest = _segment(str(data_root_from_env()), settings.dataset, settings.subset, settings.segments, job.segment)
+    images, digest = _segment(str(data_root_from_env()), settings.dataset, settings.subset, settings.segments, job.segment)
     if digest != job.data_digest:
         raise DatasetError(
             f"dataset mismatch: {settings.dataset} segment {job.segment}/{settings.segments} hashes to "
@@ -69,7 +70,7 @@ def _train(job: Job, worker: str, started: float) -> Result:
         )
 
     base = decode_verified(_store().get(base_weights_key(job.base_digest)), job.base_digest, model_spec())
-    new_state, loss = train_segment(base, inputs, settings, seed=job_seed(settings.seed, job.epoch, job.segment))
+    new_state, loss = train_segment(base, images, settings, seed=job_seed(settings.seed, job.epoch, job.segment))
     weights_digest = state_dict_digest(new_state)
     _store().put(replica_weights_key(job.assignment_id), encode(new_state))
     return Result(

@@ -28,8 +28,11 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="module")
 def farm(data_root: Path, tmp_path_factory) -> LocalFarm:
-    """Redis and three honest workers."""
-    with LocalFarm(workers=3, data_root=data_root, log_dir=tmp_path_factory.mktemp("farm-logs")) as local_farm:
+    """Redis, three honest workers and Flower (its API open on loopback for the tests)."""
+    with LocalFarm(
+        workers=3, data_root=data_root, log_dir=tmp_path_factory.mktemp("farm-logs"), flower=True,
+        extra_env={"FLOWER_UNAUTHENTICATED_API": "true"},
+    ) as local_farm:
         yield local_farm
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.client import FarmClient
+from orchestrator.errors import QuorumError
 from orchestrator.local import LocalFarm
 from tests.attackers.worker import ATTACK_MODE_KEY
 from tests.farmrun import train
@@ -80,3 +81,27 @@ def test_wrong_loss_outvoted(attacked_client, data_root, tmp_path, honest_digest
     for segment in record["accepted_segments"]:
         assert not any(voter.startswith("mallory@") for voter in segment["voters"])
     assert result.final_digest == honest_digest
+
+
+def test_silent_replica_times_out_and_is_reissued(attacked_client, data_root, tmp_path, honest_digest):
+    attacked_client.redis.set(ATTACK_MODE_KEY, "silent")
+    result = train(attacked_client, tmp_path / "silent", data_root, epochs=1, job_timeout=4.0)
+
+    record = result.metrics[0]
+    timed_out = [entry for entry in record["failed"] if entry["worker"].startswith("mallory@")]
+    assert timed_out
+    assert timed_out[0]["reason"] == "no result before the job deadline"
+    assert record["reissues"] >= 1
+    assert result.final_digest == honest_digest
+
+
+def test_no_quorum_names_segment_and_digests(attacked_client, data_root, tmp_path, honest_digest):
+    attacked_client.redis.set(ATTACK_MODE_KEY, "wrong-loss")
+    with pytest.raises(QuorumError) as caught:
+        train(attacked_client, tmp_path / "no-quorum", data_root, epochs=1, max_reissues=0)
+
+    message = caught.value.message
+    assert "cannot reach a quorum of 2: the re-issue limit (0) is reached" in message
+    assert "mallory@" in message
+    assert message.count("weights ") >= 2  # both replicas' digests are listed
+    assert "raise --max-reissues" in message

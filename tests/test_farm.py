@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 
 import pytest
 import redis
@@ -111,3 +112,29 @@ def test_pickle_message_never_reaches_task(client, farm):
     assert meta["status"] == "PENDING"  # never executed, so no result was ever stored
     log = (farm.log_dir / f"{node.split('@')[0]}.log").read_text()
     assert "application/x-python-serialize" in log
+
+
+def test_flower_lists_tasks_by_readable_name(farm, honest_run):
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(f"{farm.flower_url}api/tasks", timeout=10) as response:
+            tasks = json.load(response)
+        names = sorted(task["name"] for task in tasks.values() if task.get("state") == "SUCCESS")
+        if len(names) >= 8 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    # Two epochs x two segments x two replicas, each named after its epoch and segment.
+    for epoch in (1, 2):
+        for segment in (0, 1):
+            assert names.count(f"train epoch {epoch} segment {segment}") >= 2
+
+
+def test_local_command_trains_and_stops(data_root, tmp_path):
+    result = CliRunner().invoke(main, [
+        "local", "--epochs", "1", "--subset", "2000", "--workers", "2", "--no-flower",
+        "--data-root", str(data_root), "--run-dir", str(tmp_path / "local"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "Final weights digest: " in result.output
+    assert "Stopped Redis, workers and Flower." in result.output
+    assert (tmp_path / "local" / "final.safetensors").is_file()

@@ -11,6 +11,7 @@ task in its own process only. The test picks the lie by setting ATTACK_MODE_KEY 
     nan          return weights with a NaN in one tensor
     unknown-job  first send a result for an assignment that was never issued
     wrong-loss   return the honest weights with a slightly different loss
+    silent       train but never reply, like a worker that hangs
 """
 
 from __future__ import annotations
@@ -58,5 +59,7 @@ def lying_train_segment(self, message: dict) -> dict:
         loss = honest.loss + 1e-4
         result = Result(**{**honest.__dict__, "loss": loss, "loss_bits": loss_bits(loss)})
 
+    if mode == "silent":
+        return {}
     jobs._reply(job, result)
     return result.to_message()
