@@ -4,7 +4,8 @@
 
 It starts Redis and W workers on 127.0.0.1, trains the default workload (full MNIST, S=2
 segments, R=2 replicas, quorum 2) for a few epochs, then times plain single-process PyTorch
-(one thread, the same settings) on one segment pass. It prints
+(one thread, the same settings) on one segment pass, half of the passes before the farm starts
+and half after it stops, so that slow drifts of a shared machine hit both sides. It prints
 
     ratio = farm epoch time / (S x R x plain pass time / W)
 
@@ -71,15 +72,18 @@ def time_plain_passes(data_root: Path, settings: TrainingSettings, passes: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, required=True, help="datasets in torchvision's layout")
-    parser.add_argument("--epochs", type=int, default=5, help="farm epochs; the first is warm-up (default 5)")
+    parser.add_argument("--epochs", type=int, default=7, help="farm epochs; the first is warm-up (default 7)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes W (default 2)")
-    parser.add_argument("--plain-passes", type=int, default=4, help="plain passes to time (default 4)")
+    parser.add_argument("--plain-passes", type=int, default=6, help="plain passes to time (default 6)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
 
     training = TrainingSettings()  # the default workload: full MNIST, S=2
     farm_settings = FarmSettings(replicas=2, quorum=2)
     work = Path(tempfile.mkdtemp(prefix="farm-bench-"))
+
+    # Plain PyTorch, first half, before any farm process exists.
+    plain = time_plain_passes(args.data_root, training, args.plain_passes // 2)
 
     # Farm: epochs on W workers, then peak memory of each worker process tree.
     with LocalFarm(workers=args.workers, data_root=args.data_root, log_dir=work / "logs") as farm:
@@ -97,8 +101,8 @@ def main() -> None:
     steady = [b - a for a, b in zip(finished, finished[1:])]  # epoch-to-epoch cadence after warm-up
     farm_epoch = statistics.median(steady)
 
-    # Plain PyTorch, measured after the farm stopped so that nothing competes for the cores.
-    plain = time_plain_passes(args.data_root, training, args.plain_passes)
+    # Plain PyTorch, second half, after the farm stopped so that nothing competes for the cores.
+    plain += time_plain_passes(args.data_root, training, args.plain_passes - args.plain_passes // 2)
     plain_pass = statistics.median(plain)
     ideal = training.segments * farm_settings.replicas * plain_pass / args.workers
     ratio = farm_epoch / ideal

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -14,6 +16,7 @@ from config.settings import TrainingSettings
 from model.network import initial_state_dict
 from model.weights import encode, state_dict_digest
 from orchestrator.cli import main
+from orchestrator.local import PROJECT_ROOT
 from protocol.heartbeat import read_heartbeats
 from protocol.messages import Job, Result
 from protocol.store import base_weights_key
@@ -138,3 +141,14 @@ def test_local_command_trains_and_stops(data_root, tmp_path):
     assert "Final weights digest: " in result.output
     assert "Stopped Redis, workers and Flower." in result.output
     assert (tmp_path / "local" / "final.safetensors").is_file()
+
+
+def test_duplicate_worker_name_refused(farm):
+    taken = sorted(farm.workers)[0]
+    second = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", taken, "--without-mingle"],
+        cwd=PROJECT_ROOT, env=farm.environment(), capture_output=True, text=True, timeout=90,
+    )
+    assert second.returncode != 0
+    assert f"another live worker is named '{taken}'" in second.stdout + second.stderr
+    assert sorted(read_heartbeats(redis.Redis.from_url(farm.broker_url))) == sorted(farm.workers)
