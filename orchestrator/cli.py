@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -27,7 +26,7 @@ from config.settings import (
     data_root_from_env,
 )
 from orchestrator.client import FarmClient
-from orchestrator.epoch import Progress
+from orchestrator.progress import Progress
 
 logger = logging.getLogger("orchestrator")
 
@@ -160,10 +159,9 @@ def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
     return training, farm
 
 
-def _train(client: FarmClient, training: TrainingSettings, farm: FarmSettings, options: dict):
-    from orchestrator.training import new_run_id, run_training
+def _train(client: FarmClient, training: TrainingSettings, farm: FarmSettings, options: dict, run_id: str):
+    from orchestrator.training import run_training
 
-    run_id = new_run_id()
     run_dir = options["run_dir"] or Path("runs") / run_id
     try:
         return run_training(
@@ -181,8 +179,8 @@ def _train(client: FarmClient, training: TrainingSettings, farm: FarmSettings, o
 
 def _report(result) -> None:
     last = result.metrics[-1]
-    click.echo(f"Run {result.run_id} finished: test loss {result.metrics[0]['test_loss']:.5f} -> {last['test_loss']:.5f} "
-               f"over {len(result.metrics)} epochs")
+    click.echo(f"Run {result.run_id} finished: test loss {result.initial_test_loss:.5f} (initial weights) -> "
+               f"{last['test_loss']:.5f} after {len(result.metrics)} epochs")
     click.echo(f"Final weights digest: {result.final_digest}")
     click.echo(f"Run directory: {result.run_dir.resolve()} (final.safetensors, metrics.jsonl, loss.png, reconstructions.png)")
 
@@ -199,8 +197,10 @@ def run(**options) -> None:
     """Train on the workers that are live on the broker and write the run directory."""
     _configure_logging(options["verbose"])
     training, farm = _settings(options)
+    from orchestrator.training import new_run_id
+
     client = _connect(options["broker_url"], options["store_url"])
-    _report(_train(client, training, farm, options))
+    _report(_train(client, training, farm, options, new_run_id()))
 
 
 @main.command()
@@ -227,14 +227,15 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
         except RuntimeError as error:
             raise click.ClickException(str(error)) from None
 
-    options["run_dir"] = options["run_dir"] or Path("runs") / new_run_id()
+    run_id = new_run_id()
+    options["run_dir"] = options["run_dir"] or Path("runs") / run_id
     log_dir = Path(options["run_dir"]).with_name(Path(options["run_dir"]).name + "-logs")
     with LocalFarm(workers=worker_count, data_root=options["data_root"], log_dir=log_dir, flower=flower) as farm_processes:
         click.echo(f"Redis: {farm_processes.broker_url}   workers: {worker_count}   logs: {log_dir}")
         if farm_processes.flower_url:
             click.echo(f"Flower UI: {farm_processes.flower_url}")
         client = _connect(farm_processes.broker_url, None)
-        result = _train(client, training, farm, options)
+        result = _train(client, training, farm, options, run_id)
         _report(result)
         if keep_running:
             click.echo(f"Farm still running (Flower UI: {farm_processes.flower_url or 'off'}); press Ctrl-C to stop it.")

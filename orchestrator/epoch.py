@@ -15,6 +15,7 @@ from model.weights import StateDict
 from orchestrator.assignment import choose_workers
 from orchestrator.client import FarmClient
 from orchestrator.errors import QuorumError, StaffingError
+from orchestrator.progress import Progress
 from orchestrator.quorum import FAILED, PENDING, REJECTED, TIMED_OUT, Replica, SegmentVote
 from orchestrator.verify import EpochContext, Rejection, WeightsVerifier, check_binding
 from protocol.messages import Job, ProtocolError, Result
@@ -46,16 +47,6 @@ class EpochOutcome:
     reissues: int
     rejected: list[RejectedResult] = field(default_factory=list)
     failed: list[RejectedResult] = field(default_factory=list)
-
-
-class Progress:
-    """Progress of replicas in an epoch; the CLI replaces it with a progress bar."""
-
-    def add(self, count: int) -> None: ...
-
-    def advance(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def eligible_workers(heartbeats: dict[str, dict], dataset: str) -> list[str]:

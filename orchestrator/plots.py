@@ -8,15 +8,18 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 
-def plot_losses(metrics: list[dict], path: Path) -> None:
-    """Plot mean training loss and test loss per epoch."""
+def plot_losses(metrics: list[dict], path: Path, *, initial_test_loss: float) -> None:
+    """Plot mean training loss per epoch and test loss from the initial weights (epoch 0) on."""
     epochs = [record["epoch"] for record in metrics]
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot(epochs, [record["train_loss"] for record in metrics], marker="o", label="training (mean of batches)")
-    axes.plot(epochs, [record["test_loss"] for record in metrics], marker="o", label="test")
+    axes.plot([0, *epochs], [initial_test_loss, *(record["test_loss"] for record in metrics)], marker="o", label="test")
+    axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("MSE reconstruction loss")
     axes.set_title("Farm training loss")

@@ -19,7 +19,8 @@ from model.network import initial_state_dict
 from model.training import configure_torch, evaluate, reconstruct
 from model.weights import encode, model_spec, state_dict_digest
 from orchestrator.client import FarmClient
-from orchestrator.epoch import EpochOutcome, EpochRunner, Progress, eligible_workers
+from orchestrator.epoch import EpochOutcome, EpochRunner, eligible_workers
+from orchestrator.progress import Progress
 from orchestrator.errors import StaffingError
 from orchestrator.plots import plot_losses, plot_reconstructions
 from orchestrator.quorum import SegmentVote
@@ -37,6 +38,7 @@ class RunResult:
     run_id: str
     run_dir: Path
     final_digest: str
+    initial_test_loss: float
     metrics: list[dict]
 
 
@@ -117,6 +119,9 @@ def run_training(
     test_images = load_images(str(data_root), training.dataset, train=False, download=download)
 
     # Run directory and initial weights.
+    state = initial_state_dict(training.seed)
+    base_digest = state_dict_digest(state)
+    initial_test_loss = evaluate(state, test_images)
     directory = RunDirectory(run_dir)
     directory.create({
         "run_id": run_id,
@@ -126,15 +131,16 @@ def run_training(
         "farm": asdict(farm),
         "data_root": str(data_root),
         "data_digests": data_digests,
+        "initial_weights_digest": base_digest,
+        "initial_test_loss": initial_test_loss,
         "torch": torch.__version__,
         "python": platform.python_version(),
     })
-    state = initial_state_dict(training.seed)
-    base_digest = state_dict_digest(state)
     client.store.put(base_weights_key(base_digest), encode(state))
     directory.save_epoch_weights(0, state)
-    logger.info("run %s: %d epochs, %d segments x %d replicas, quorum %d, initial weights %s, run directory %s",
-                run_id, epochs, training.segments, farm.replicas, farm.quorum, base_digest[:12], run_dir)
+    logger.info("run %s: %d epochs, %d segments x %d replicas, quorum %d, initial weights %s (test loss %.5f), "
+                "run directory %s", run_id, epochs, training.segments, farm.replicas, farm.quorum,
+                base_digest[:12], initial_test_loss, run_dir)
 
     status = {"run_id": run_id, "run_dir": str(Path(run_dir).resolve()), "epochs": epochs, "state": "running"}
 
@@ -192,7 +198,7 @@ def run_training(
     # Final outputs.
     directory.save_final(state)
     metrics = directory.read_metrics()
-    plot_losses(metrics, directory.path / "loss.png")
+    plot_losses(metrics, directory.path / "loss.png", initial_test_loss=initial_test_loss)
     samples = test_images[:RECONSTRUCTION_SAMPLES]
     plot_reconstructions(to_inputs(samples), reconstruct(state, samples), directory.path / "reconstructions.png")
     status.update(state="finished", final_digest=base_digest, updated_at=time.time())
@@ -200,4 +206,5 @@ def run_training(
     client.publish_status(status)
     client.redis.delete(runner.reply_key)
     logger.info("run %s finished: final weights %s in %s", run_id, base_digest[:12], directory.path / "final.safetensors")
-    return RunResult(run_id=run_id, run_dir=directory.path, final_digest=base_digest, metrics=metrics)
+    return RunResult(run_id=run_id, run_dir=directory.path, final_digest=base_digest,
+                     initial_test_loss=initial_test_loss, metrics=metrics)
