@@ -35,15 +35,15 @@ def data_root_from_env() -> Path:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Everything that decides the bits a job produces; every replica of a job gets the same copy.
+    """Settings that decide the bits a job produces; every replica of a job gets the same copy.
 
-    Defaults differ from the reference example (batch 16, no shuffling, Adam lr 0.1):
-    Adam at lr 0.1 overshoots and the autoencoder collapses to the mean image, while
-    lr 1e-3 with shuffled batches of 32 lowers the loss every epoch.
+    Defaults differ from the reference example (batch 16, no shuffling, Adam lr 0.1). With
+    those, the MNIST test loss stalls near 0.069 after 3 epochs, worse than predicting the
+    mean image (0.067); lr 1e-3 with shuffled batches of 32 reaches 0.033.
     """
 
     dataset: str = "mnist"
-    segments: int = 2  # S: segment k holds the training images whose index i has i % S == k
+    segments: int = 2  # S: segment k contains the training images whose index i has i % S == k
     learning_rate: float = 1e-3  # Adam step size
     batch_size: int = 32  # images per optimizer step
     weight_decay: float = 1e-8  # Adam L2 penalty, as in the reference example
@@ -100,7 +100,7 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class FarmSettings:
-    """How the orchestrator farms jobs out: redundancy, quorum, deadlines and limits."""
+    """Farm policy of the orchestrator: redundancy, quorum, deadlines and limits."""
 
     replicas: int = 2  # R: replicas sent for every job, each to a distinct worker
     quorum: int = 2  # Q: distinct workers that must return identical weights and loss

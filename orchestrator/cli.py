@@ -94,7 +94,7 @@ def training_options(command):
         click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True,
                      help="Epochs to train; each is one pass of every segment job."),
         click.option("--segments", type=click.IntRange(min=1), default=DEFAULTS_TRAINING.segments, show_default=True,
-                     help="Segments S per epoch; segment k holds the images with index % S == k."),
+                     help="Segments S per epoch; segment k contains the images whose index mod S is k."),
         click.option("--replicas", type=click.IntRange(min=1), default=DEFAULTS_FARM.replicas, show_default=True,
                      help="Replicas R of every job, each on a distinct worker."),
         click.option("--quorum", type=click.IntRange(min=1), default=DEFAULTS_FARM.quorum, show_default=True,

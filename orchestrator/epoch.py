@@ -38,7 +38,7 @@ class RejectedResult:
 
 @dataclass
 class EpochOutcome:
-    """What an epoch decided: one accepted (digest, loss, voters) per segment, and what went wrong."""
+    """The decisions of one epoch: an accepted (digest, loss, voters) per segment, and every failure."""
 
     accepted: dict[int, tuple[str, float, list[str]]]
     states: dict[int, StateDict]
@@ -156,7 +156,7 @@ class EpochRunner:
                 self._reissue_where_short(context.epoch, context.base_digest, self._reissues, progress)
                 self.on_change(context.epoch, self._votes)
 
-        # Drop replicas nobody needs any more, so idle capacity returns for the next epoch.
+        # Revoke replicas of decided segments, so their workers are free for the next epoch.
         self.client.revoke([r.assignment_id for vote in self._votes.values() for r in vote.pending()])
         outcome = self._outcome(self._reissues)
         self.client.delete_replica_weights([a for vote in self._votes.values() for a in vote.replicas])
@@ -186,7 +186,7 @@ class EpochRunner:
         try:
             self.verifier.verify(replica_weights_key(result.assignment_id), result.weights_digest)
         except Rejection as rejection:
-            # The assignment is used up: a worker gets one answer per assignment.
+            # The assignment is used up: each assignment counts once, even when its result is rejected.
             self._reject(result.assignment_id, result.worker, result.segment, rejection.reason)
             vote.record_failure(replica.assignment_id, REJECTED, rejection.reason)
             progress.advance()
@@ -242,8 +242,8 @@ class EpochRunner:
             progress.add(issued)
             logger.info("re-issued segment %d of epoch %d to %d more worker(s)", vote.segment, epoch, issued)
 
-    def _no_quorum_message(self, epoch: int, vote: SegmentVote, why: str) -> str:
-        lines = [f"segment {vote.segment} of epoch {epoch} cannot reach a quorum of {vote.quorum}: {why}. Replicas:"]
+    def _no_quorum_message(self, epoch: int, vote: SegmentVote, cause: str) -> str:
+        lines = [f"segment {vote.segment} of epoch {epoch} cannot reach a quorum of {vote.quorum}: {cause}. Replicas:"]
         for replica in vote.replicas.values():
             detail = f"weights {replica.weights_digest[:16]} loss {replica.loss!r}" if replica.weights_digest else replica.reason
             lines.append(f"  {replica.assignment_id} on {replica.worker}: {replica.status}: {detail}")

@@ -4,7 +4,7 @@ import click
 
 
 class FarmError(click.ClickException):
-    """A run cannot continue; the message says why and what to do next."""
+    """A run cannot continue; the message gives the cause and the next step."""
 
     exit_code = 1
 

@@ -15,7 +15,7 @@ class RunDirectory:
     run.json         settings and identity of the run
     metrics.jsonl    one JSON object per finished epoch
     state.json       the current epoch and each segment's replicas (for `orchestrator status`)
-    weights/         epoch-NNNN.safetensors after each epoch (epoch-0000 holds the initial weights)
+    weights/         epoch-NNNN.safetensors after each epoch (epoch-0000 is the initial weights)
     final.safetensors, loss.png, reconstructions.png at the end
     """
 
@@ -25,7 +25,7 @@ class RunDirectory:
     def create(self, config: dict) -> None:
         if (self.path / "run.json").exists():
             raise FileExistsError(
-                f"run directory {self.path} already holds a run; pass a new --run-dir or remove it"
+                f"run directory {self.path} already contains a run; pass a new --run-dir or remove it"
             )
         (self.path / "weights").mkdir(parents=True, exist_ok=True)
         self._write_json("run.json", config)

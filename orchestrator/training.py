@@ -174,7 +174,7 @@ def run_training(
             runner.verifier.clear()
             directory.save_epoch_weights(epoch, state)
 
-            # Start the next epoch before evaluating this one, so the workers never wait for bookkeeping.
+            # Start the next epoch before evaluating this one, so the workers do not wait for the evaluation.
             next_started = time.monotonic()
             if epoch < epochs:
                 runner.start_epoch(epoch + 1, base_digest)

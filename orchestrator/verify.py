@@ -11,7 +11,7 @@ from protocol.store import StoreError, WeightStore
 
 
 class Rejection(Exception):
-    """A result does not count; `reason` says why in words fit for the log."""
+    """A result that does not count; `reason` is the explanation written to the log and the metrics."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -20,7 +20,7 @@ class Rejection(Exception):
 
 @dataclass(frozen=True)
 class EpochContext:
-    """What every result of the current epoch must name."""
+    """The run, epoch and base weights that every result of the current epoch must name."""
 
     run_id: str
     epoch: int
@@ -28,7 +28,7 @@ class EpochContext:
 
 
 def check_binding(result: Result, replica: Replica | None, context: EpochContext) -> Replica:
-    """Return the outstanding replica that `result` answers, or raise Rejection."""
+    """Return the outstanding replica that `result` is bound to, or raise Rejection."""
     if result.run_id != context.run_id:
         raise Rejection(f"result for another run {result.run_id!r}")
     if result.epoch != context.epoch:

@@ -71,7 +71,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Result:
-    """A worker's answer to one assignment: the digest of its new weights and its loss, or an error."""
+    """A worker's result for one assignment: the digest of its new weights and its loss, or an error."""
 
     run_id: str
     epoch: int
