@@ -248,6 +248,40 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
 
 
 @main.command()
+@click.argument("weights")
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default=DEFAULTS_TRAINING.dataset, show_default=True,
+              help="Test set to evaluate on.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), envvar="FARM_DATA_ROOT",
+              default=data_root_from_env, show_default="FARM_DATA_ROOT or ./data",
+              help="Folder with datasets in torchvision's layout (MNIST/raw/...).")
+@connection_options
+def evaluate(weights: str, dataset: str, data_root: Path, broker_url: str, store_url: str | None) -> None:
+    """Print the test-set reconstruction loss of WEIGHTS: a .safetensors file or a weights digest in the store."""
+    from model.data import load_images
+    from model.training import configure_torch, evaluate as test_loss
+    from model.weights import WeightsError, decode, decode_verified, model_spec, state_dict_digest
+    from protocol.store import StoreError, base_weights_key
+
+    try:
+        if Path(weights).is_file():
+            state = decode(Path(weights).read_bytes(), model_spec())
+        elif len(weights) == 64 and all(c in "0123456789abcdef" for c in weights):
+            client = _connect(broker_url, store_url)
+            state = decode_verified(client.store.get(base_weights_key(weights)), weights, model_spec())
+        else:
+            raise click.BadParameter(f"{weights!r} is neither a file nor a 64-digit hex weights digest",
+                                     param_hint="WEIGHTS")
+        images = load_images(str(data_root), dataset, train=False)
+    except (WeightsError, StoreError, RuntimeError) as error:
+        if isinstance(error, click.ClickException):
+            raise
+        raise click.ClickException(str(error)) from None
+    configure_torch(1)
+    click.echo(f"test loss {test_loss(state, images):.6f} on {dataset} ({images.shape[0]:,} images), "
+               f"weights {state_dict_digest(state)}")
+
+
+@main.command()
 @click.option("--run-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Read this run's state.json instead of the broker's current run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw state as JSON.")

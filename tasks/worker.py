@@ -115,7 +115,8 @@ class Heartbeat(bootsteps.StartStopStep):
             "data_root": str(root),
             "health": "ok" if any(datasets.values()) else f"unhealthy: no dataset under data root {root}",
             "active": active,
-            "processed": worker_state.total_count.get("farm.train_segment", 0),
+            # Counts are keyed by the name shown in Flower, which each job sets to its epoch and segment.
+            "processed": sum(worker_state.total_count.values()),
         }
         try:
             self.client.set(heartbeat_key(parent.hostname), json.dumps(record), ex=HEARTBEAT_TTL)

@@ -85,6 +85,7 @@ def test_heartbeats_report_health(client, farm):
     for record in records.values():
         assert record["health"] == "ok"
         assert record["datasets"]["mnist"] is True
+    assert sum(record["processed"] for record in records.values()) >= 8  # 2 epochs x 2 segments x 2 replicas
 
 
 def test_worker_refuses_dataset_mismatch(client, farm):
@@ -152,3 +153,44 @@ def test_duplicate_worker_name_refused(farm):
     assert second.returncode != 0
     assert f"another live worker is named '{taken}'" in second.stdout + second.stderr
     assert sorted(read_heartbeats(redis.Redis.from_url(farm.broker_url))) == sorted(farm.workers)
+
+
+def test_evaluate_command_by_digest_and_file(farm, honest_run, data_root):
+    last = honest_run.metrics[-1]
+    by_digest = CliRunner().invoke(main, ["evaluate", honest_run.final_digest, "--broker-url", farm.broker_url,
+                                          "--data-root", str(data_root)])
+    assert by_digest.exit_code == 0, by_digest.output
+    assert f"test loss {last['test_loss']:.6f} on mnist (10,000 images)" in by_digest.output
+    by_file = CliRunner().invoke(main, ["evaluate", str(honest_run.run_dir / "final.safetensors"),
+                                        "--data-root", str(data_root)])
+    assert by_file.exit_code == 0, by_file.output
+    assert f"weights {honest_run.final_digest}" in by_file.output
+
+
+def test_evaluate_command_rejects_bad_weights(tmp_path, data_root):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors at all")
+    result = CliRunner().invoke(main, ["evaluate", str(bad), "--data-root", str(data_root)])
+    assert result.exit_code == 1
+    assert "weights blob is not valid safetensors" in result.output
+
+
+def test_soft_time_limit_reported(client, farm, data_root):
+    from model.data import data_digest, load_images, segment_images
+
+    node = sorted(farm.workers)[2]
+    state = initial_state_dict(0)
+    digest = state_dict_digest(state)
+    client.store.put(base_weights_key(digest), encode(state))
+    segment = segment_images(load_images(str(data_root), "mnist", train=True), 2, 0)
+    job = Job(run_id="slow", epoch=1, segment=0, assignment_id="ef" * 16, worker=node,
+              base_digest=digest, data_digest=data_digest("mnist", 2, 0, segment),
+              training=TrainingSettings().to_dict(), reply_to="farm:results:slow",
+              issued_at=time.time(), expires_at=time.time() + 60)
+    client.send(job, time_limit=0.2, expires_in=60)  # one full segment pass takes over a second
+
+    reply = client.redis.blpop(["farm:results:slow"], timeout=60)
+    assert reply is not None
+    result = Result.from_message(json.loads(reply[1]))
+    assert result.status == "error"
+    assert result.error == "timed out: soft time limit reached"
