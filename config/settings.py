@@ -15,7 +15,11 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
 
 class SettingsError(ValueError):
-    """A setting has an invalid value; the message names the value and the fix."""
+    """A setting has an invalid value; the message names the value and the fix, `field` the setting."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def broker_url_from_env() -> str:
@@ -56,7 +60,8 @@ class TrainingSettings:
         """Raise SettingsError for the first invalid field; return self when all are valid."""
         if self.dataset not in DATASETS:
             raise SettingsError(
-                f"invalid dataset {self.dataset!r}: choose one of {', '.join(sorted(DATASETS))}"
+                f"invalid dataset {self.dataset!r}: choose one of {', '.join(sorted(DATASETS))}",
+                field="dataset",
             )
         _require_int("segments", self.segments, minimum=1)
         _require_int("batch_size", self.batch_size, minimum=1)
@@ -65,18 +70,21 @@ class TrainingSettings:
         _require_int("seed", self.seed, minimum=0)
         if not _finite(self.learning_rate) or self.learning_rate <= 0:
             raise SettingsError(
-                f"invalid learning_rate {self.learning_rate!r}: use a positive number such as 1e-3"
+                f"invalid learning_rate {self.learning_rate!r}: use a positive number such as 1e-3",
+                field="learning_rate",
             )
         if not _finite(self.weight_decay) or self.weight_decay < 0:
             raise SettingsError(
-                f"invalid weight_decay {self.weight_decay!r}: use 0 or a positive number such as 1e-8"
+                f"invalid weight_decay {self.weight_decay!r}: use 0 or a positive number such as 1e-8",
+                field="weight_decay",
             )
         if not isinstance(self.shuffle, bool):
-            raise SettingsError(f"invalid shuffle {self.shuffle!r}: use true or false")
+            raise SettingsError(f"invalid shuffle {self.shuffle!r}: use true or false", field="shuffle")
         if self.subset and self.subset < self.segments:
             raise SettingsError(
                 f"invalid subset {self.subset}: it must hold at least one image per segment "
-                f"({self.segments} segments); raise subset or use 0 for all images"
+                f"({self.segments} segments); raise subset or use 0 for all images",
+                field="subset",
             )
         return self
 
@@ -116,18 +124,19 @@ class FarmSettings:
         if self.quorum > self.replicas:
             raise SettingsError(
                 f"invalid quorum {self.quorum}: it cannot exceed replicas ({self.replicas}); "
-                f"lower the quorum or raise the replicas"
+                f"lower the quorum or raise the replicas",
+                field="quorum",
             )
         for name in ("job_timeout", "worker_wait"):
             value = getattr(self, name)
             if not _finite(value) or value <= 0:
-                raise SettingsError(f"invalid {name} {value!r}: use a positive number of seconds")
+                raise SettingsError(f"invalid {name} {value!r}: use a positive number of seconds", field=name)
         return self
 
 
 def _require_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SettingsError(f"invalid {name} {value!r}: use an integer >= {minimum}")
+        raise SettingsError(f"invalid {name} {value!r}: use an integer >= {minimum}", field=name)
 
 
 def _finite(value: object) -> bool:

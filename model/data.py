@@ -17,20 +17,29 @@ class DatasetError(RuntimeError):
 
 @functools.lru_cache(maxsize=4)
 def load_images(root: str, dataset: str, *, train: bool, download: bool = False) -> torch.Tensor:
-    """Return the dataset's images as a uint8 tensor of shape (N, 28, 28), cached per process."""
+    """Return the dataset's images as a uint8 tensor of shape (N, 28, 28), cached per process.
+
+    With `download`, torchvision fetches a missing dataset into `root`.
+    """
     import torchvision.datasets
 
     if dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {dataset!r}: choose one of {', '.join(sorted(DATASETS))}")
+    raw = Path(root) / DATASETS[dataset] / "raw"
+    expected = raw / f"{'train' if train else 't10k'}-images-idx3-ubyte"
+    if not expected.is_file() and not download:
+        raise DatasetError(
+            f"{dataset} not found: {expected} is missing. Point FARM_DATA_ROOT or --data-root at a "
+            f"folder in torchvision's layout ({DATASETS[dataset]}/raw/...), or pass --download to fetch it"
+        )
     dataset_class = getattr(torchvision.datasets, DATASETS[dataset])
     try:
         return dataset_class(root=root, train=train, download=download).data
-    except RuntimeError as error:
-        raw = Path(root) / DATASETS[dataset] / "raw"
+    except (RuntimeError, OSError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise DatasetError(
-            f"{dataset} not found under data root {root!r} (looked in {raw}): {error}. "
-            f"Point FARM_DATA_ROOT or --data-root at a folder in torchvision's layout, "
-            f"or allow the download"
+            f"{dataset} not found under {raw} and the download failed ({reason}). Check the network, "
+            f"or point FARM_DATA_ROOT or --data-root at a copy in torchvision's layout"
         ) from None
 
 

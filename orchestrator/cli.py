@@ -19,6 +19,7 @@ import redis
 
 from config.settings import (
     DATASETS,
+    DEFAULT_BROKER_URL,
     FarmSettings,
     SettingsError,
     TrainingSettings,
@@ -31,7 +32,13 @@ from orchestrator.progress import Progress
 logger = logging.getLogger("orchestrator")
 
 DEFAULTS_TRAINING = TrainingSettings()
+OPTION_NAMES = {"learning_rate": "--lr"}  # settings whose option name is not the field name
 DEFAULTS_FARM = FarmSettings()
+
+
+def _progress_factory():
+    """Return a progress-bar factory on a terminal, None otherwise (no bar lines in logs)."""
+    return BarProgress if sys.stderr.isatty() else None
 
 
 class BarProgress(Progress):
@@ -70,12 +77,18 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _connect(broker_url: str, store_url: str | None) -> FarmClient:
-    client = FarmClient(broker_url, store_url or broker_url)
     try:
+        client = FarmClient(broker_url, store_url or broker_url)
         client.ping()
+    except ValueError as error:
+        raise click.ClickException(
+            f"invalid broker or store URL {_redact(broker_url)}: {error}. "
+            f"Pass --broker-url or set FARM_BROKER_URL, for example redis://127.0.0.1:6379/0"
+        ) from None
     except redis.RedisError as error:
         raise click.ClickException(
-            f"cannot reach the broker at {_redact(broker_url)}: {error}. Start Redis or pass --broker-url"
+            f"cannot reach the broker at {_redact(broker_url)}: {str(error).rstrip('.')}. "
+            f"Start Redis, or pass --broker-url or set FARM_BROKER_URL"
         ) from None
     return client
 
@@ -136,10 +149,12 @@ def training_options(command):
 
 
 def connection_options(command):
-    command = click.option("--store-url", envvar="FARM_STORE_URL", default=None, show_default="the broker URL",
+    command = click.option("--store-url", envvar="FARM_STORE_URL", default=None,
+                           show_default="FARM_STORE_URL or the broker URL",
                            help="Redis URL of the weights store.")(command)
-    command = click.option("--broker-url", envvar="FARM_BROKER_URL", default=broker_url_from_env, show_default=True,
-                           help="Redis URL of the Celery broker (FARM_BROKER_URL).")(command)
+    command = click.option("--broker-url", envvar="FARM_BROKER_URL", default=broker_url_from_env,
+                           show_default=f"FARM_BROKER_URL or {DEFAULT_BROKER_URL}",
+                           help="Redis URL of the Celery broker.")(command)
     return command
 
 
@@ -155,7 +170,8 @@ def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
             job_timeout=options["job_timeout"], worker_wait=options["worker_wait"],
         ).validate()
     except SettingsError as error:
-        raise click.UsageError(str(error)) from None
+        option = OPTION_NAMES.get(error.field, f"--{(error.field or '').replace('_', '-')}")
+        raise click.BadParameter(str(error), param_hint=f"'{option}'") from None
     return training, farm
 
 
@@ -167,7 +183,7 @@ def _train(client: FarmClient, training: TrainingSettings, farm: FarmSettings, o
         return run_training(
             client=client, training=training, farm=farm, epochs=options["epochs"], run_dir=run_dir,
             data_root=options["data_root"], download=options["download"], run_id=run_id,
-            progress_factory=BarProgress,
+            progress_factory=_progress_factory(),
         )
     except FileExistsError as error:
         raise click.UsageError(str(error)) from None
@@ -233,7 +249,8 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
     with LocalFarm(workers=worker_count, data_root=options["data_root"], log_dir=log_dir, flower=flower) as farm_processes:
         click.echo(f"Redis: {farm_processes.broker_url}   workers: {worker_count}   logs: {log_dir}")
         if farm_processes.flower_url:
-            click.echo(f"Flower UI: {farm_processes.flower_url}")
+            hint = "" if keep_running else " (it stops with the run; pass --keep-running to keep it up)"
+            click.echo(f"Flower UI: {farm_processes.flower_url}{hint}")
         client = _connect(farm_processes.broker_url, None)
         result = _train(client, training, farm, options, run_id)
         _report(result)
@@ -294,10 +311,14 @@ def status(run_dir: Path | None, as_json: bool, broker_url: str, store_url: str 
     workers = None
     if run_dir is not None:
         state = RunDirectory(run_dir).read_state()
+        if state is None:
+            raise click.ClickException(f"{run_dir} has no state.json: it is not a run directory, "
+                                       f"or its run stopped before it started")
     try:
         client = _connect(broker_url, store_url)
         workers = client.live_workers()
-        state = state or client.read_status()
+        if run_dir is None:
+            state = client.read_status()
     except click.ClickException:
         if run_dir is None:
             raise
@@ -311,6 +332,8 @@ def status(run_dir: Path | None, as_json: bool, broker_url: str, store_url: str 
         return
     click.echo(f"\nRun {state['run_id']} ({state['state']}): epoch {state.get('epoch', 0)} of {state['epochs']}, "
                f"directory {state['run_dir']}")
+    if state.get("error"):
+        click.echo(f"  error: {state['error']}")
     for segment, info in sorted(state.get("segments", {}).items(), key=lambda item: int(item[0])):
         decision = f"accepted {info['decision'][:12]}" if info["decision"] else "undecided"
         click.echo(f"  segment {segment}: {decision}")
@@ -336,11 +359,13 @@ def _print_workers(workers: dict[str, dict]) -> None:
 
 
 @main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the heartbeat records as JSON.")
+@connection_options
 @click.pass_context
-def workers(context: click.Context) -> None:
-    """List the live workers (the default), with health, state and jobs done."""
+def workers(context: click.Context, as_json: bool, broker_url: str, store_url: str | None) -> None:
+    """List the live workers (the default subcommand), with health, state and jobs done."""
     if context.invoked_subcommand is None:
-        context.invoke(list_workers)
+        context.invoke(list_workers, as_json=as_json, broker_url=broker_url, store_url=store_url)
 
 
 @workers.command("list")

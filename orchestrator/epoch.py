@@ -16,7 +16,7 @@ from orchestrator.assignment import choose_workers
 from orchestrator.client import FarmClient
 from orchestrator.errors import QuorumError, StaffingError
 from orchestrator.progress import Progress
-from orchestrator.quorum import FAILED, PENDING, REJECTED, TIMED_OUT, Replica, SegmentVote
+from orchestrator.quorum import FAILED, LOST, REJECTED, TIMED_OUT, Replica, SegmentVote
 from orchestrator.verify import EpochContext, Rejection, WeightsVerifier, check_binding
 from protocol.messages import Job, ProtocolError, Result
 from protocol.store import replica_weights_key
@@ -221,7 +221,7 @@ class EpochRunner:
         live = self.client.live_workers()
         lost = [(v, r) for v, r in pending if r.worker not in live]
         for vote, replica in lost:
-            self._fail(vote, replica, TIMED_OUT, "worker lost: its heartbeat expired", progress)
+            self._fail(vote, replica, LOST, "worker lost: its heartbeat expired", progress)
         return bool(lost)
 
     def _reissue_where_short(self, epoch: int, base_digest: str, reissues: Counter, progress: Progress) -> None:

@@ -9,6 +9,7 @@ AGREED = "ok"
 FAILED = "failed"  # the worker reported an error
 REJECTED = "rejected"  # the result failed verification
 TIMED_OUT = "timed out"
+LOST = "lost"  # the worker's heartbeat expired while the replica was pending
 
 
 @dataclass

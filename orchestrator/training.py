@@ -138,14 +138,17 @@ def run_training(
     })
     client.store.put(base_weights_key(base_digest), encode(state))
     directory.save_epoch_weights(0, state)
-    logger.info("run %s: %d epochs, %d segments x %d replicas, quorum %d, initial weights %s (test loss %.5f), "
+    logger.info("run %s: %d epoch(s), %d segments x %d replicas, quorum %d, initial weights %s (test loss %.5f), "
                 "run directory %s", run_id, epochs, training.segments, farm.replicas, farm.quorum,
                 base_digest[:12], initial_test_loss, run_dir)
 
-    status = {"run_id": run_id, "run_dir": str(Path(run_dir).resolve()), "epochs": epochs, "state": "running"}
+    status = {"run_id": run_id, "run_dir": str(Path(run_dir).resolve()), "epochs": epochs,
+              "state": "waiting for workers", "epoch": 0, "updated_at": time.time()}
+    directory.write_state(status)
+    client.publish_status(status)
 
     def publish(epoch: int, votes: dict[int, SegmentVote]) -> None:
-        status.update(epoch=epoch, updated_at=time.time(), segments={
+        status.update(state="running", epoch=epoch, updated_at=time.time(), segments={
             str(k): {"decision": vote.decision[0] if vote.decision else None,
                      "replicas": [replica.summary() for replica in vote.replicas.values()]}
             for k, vote in votes.items()
@@ -153,11 +156,11 @@ def run_training(
         directory.write_state(status)
         client.publish_status(status)
 
-    wait_for_workers(client, dataset=training.dataset, count=farm.replicas, timeout=farm.worker_wait)
     runner = EpochRunner(client=client, run_id=run_id, training=training, farm=farm,
                          data_digests=data_digests, verifier=WeightsVerifier(client.store, model_spec()),
                          on_change=publish)
     try:
+        wait_for_workers(client, dataset=training.dataset, count=farm.replicas, timeout=farm.worker_wait)
         epoch_started = time.monotonic()
         runner.start_epoch(1, base_digest)
         for epoch in range(1, epochs + 1):
@@ -189,8 +192,8 @@ def run_training(
                 epoch, epochs, record["train_loss"], record["test_loss"], record["accepted"], training.segments,
                 outcome.disagreements, outcome.reissues, len(outcome.rejected), record["wall_seconds"],
             )
-    except BaseException:
-        status.update(state="failed", updated_at=time.time())
+    except BaseException as error:
+        status.update(state="failed", error=str(error) or type(error).__name__, updated_at=time.time())
         directory.write_state(status)
         client.publish_status(status)
         raise

@@ -69,6 +69,10 @@ class Heartbeat(bootsteps.StartStopStep):
     def start(self, parent) -> None:
         self.client = redis.Redis.from_url(store_url_from_env(), socket_timeout=5)
         self.claim_name(parent.hostname)
+        root = data_root_from_env()
+        if not any(dataset_health(root).values()):
+            logger.warning("worker %s has no dataset under data root %s: it stays unhealthy and gets no jobs; "
+                           "set FARM_DATA_ROOT to a folder in torchvision's layout", parent.hostname, root)
         self.beat(parent)
         self.timer_entry = parent.timer.call_repeatedly(HEARTBEAT_INTERVAL, self.beat, (parent,), priority=10)
         logger.info("worker %s started heartbeats every %.0f s", parent.hostname, HEARTBEAT_INTERVAL)

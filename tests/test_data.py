@@ -48,6 +48,8 @@ def test_mnist_loads_from_data_root(data_root):
     assert images.dtype == torch.uint8
 
 
-def test_missing_dataset_names_root(tmp_path):
-    with pytest.raises(DatasetError, match=str(tmp_path)):
+def test_missing_dataset_names_file_and_fix(tmp_path):
+    with pytest.raises(DatasetError) as caught:
         load_images(str(tmp_path), "mnist", train=True, download=False)
+    assert f"{tmp_path}/MNIST/raw/train-images-idx3-ubyte is missing" in str(caught.value)
+    assert "pass --download" in str(caught.value)

@@ -71,6 +71,23 @@ def test_workers_command_lists_live_workers(farm, honest_run):
     assert result.output.count(" ok ") == 3
 
 
+def test_workers_json_lists_heartbeats(farm, honest_run):
+    result = CliRunner().invoke(main, ["workers", "--json", "--broker-url", farm.broker_url])
+    assert result.exit_code == 0
+    assert sorted(json.loads(result.output)) == sorted(farm.workers)
+
+
+def test_too_few_workers_stops_run(client, data_root, tmp_path):
+    from orchestrator.errors import StaffingError
+
+    with pytest.raises(StaffingError) as caught:
+        train(client, tmp_path / "short", data_root, replicas=4, quorum=2, worker_wait=1.0)
+    assert "need 4 live workers with mnist for the replicas, found 3" in caught.value.message
+    state = json.loads((tmp_path / "short" / "state.json").read_text())
+    assert state["state"] == "failed"
+    assert "need 4 live workers" in state["error"]
+
+
 def test_status_command_shows_run(farm, honest_run):
     result = CliRunner().invoke(main, ["status", "--broker-url", farm.broker_url, "--run-dir", str(honest_run.run_dir)])
     assert result.exit_code == 0

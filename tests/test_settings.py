@@ -61,7 +61,8 @@ def test_from_dict_round_trip():
         (["--quorum", "3", "--replicas", "2"], "invalid quorum 3: it cannot exceed replicas (2)"),
         (["--epochs", "0"], "Invalid value for '--epochs': 0 is not in the range x>=1"),
         (["--dataset", "cifar"], "Invalid value for '--dataset'"),
-        (["--lr", "-0.5"], "invalid learning_rate -0.5"),
+        (["--lr", "-0.5"], "Invalid value for '--lr': invalid learning_rate -0.5"),
+        (["--subset", "1"], "Invalid value for '--subset'"),
         (["--batch-size", "abc"], "'abc' is not a valid integer"),
         (["--job-timeout", "0"], "Invalid value for '--job-timeout'"),
     ],
@@ -76,6 +77,28 @@ def test_cli_unreachable_broker_named():
     result = CliRunner().invoke(main, ["run", "--broker-url", "redis://127.0.0.1:1/0"])
     assert result.exit_code == 1
     assert "cannot reach the broker at redis://127.0.0.1:1/0" in result.output
+    assert "set FARM_BROKER_URL" in result.output
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379/0", "redis//127.0.0.1:6379"])
+def test_cli_malformed_broker_url_named(url):
+    result = CliRunner().invoke(main, ["workers", "--broker-url", url])
+    assert result.exit_code == 1
+    assert f"invalid broker or store URL {url}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_password_hidden_in_errors():
+    result = CliRunner().invoke(main, ["workers", "--broker-url", "redis://:s3cret@127.0.0.1:1/0"])
+    assert result.exit_code == 1
+    assert "s3cret" not in result.output
+    assert "redis://***@127.0.0.1:1/0" in result.output
+
+
+def test_status_rejects_directory_without_state(tmp_path):
+    result = CliRunner().invoke(main, ["status", "--run-dir", str(tmp_path), "--broker-url", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 1
+    assert f"{tmp_path} has no state.json" in result.output
 
 
 def test_cli_help_documents_defaults():
