@@ -53,12 +53,7 @@ class Job:
     def from_message(cls, message: object) -> Job:
         fields = _fields(message, "farm.job")
         job = cls(
-            run_id=_name(fields, "run_id"),
-            epoch=_int(fields, "epoch"),
-            segment=_int(fields, "segment"),
-            assignment_id=_match(fields, "assignment_id", _ASSIGNMENT_ID),
-            worker=_name(fields, "worker"),
-            base_digest=_match(fields, "base_digest", _HEX64),
+            **_assignment_fields(fields),
             data_digest=_match(fields, "data_digest", _HEX64),
             training=_dict(fields, "training"),
             reply_to=_name(fields, "reply_to"),
@@ -96,12 +91,7 @@ class Result:
         if status not in ("ok", "error"):
             raise ProtocolError(f"invalid status {status!r}: expected 'ok' or 'error'")
         common = dict(
-            run_id=_name(fields, "run_id"),
-            epoch=_int(fields, "epoch"),
-            segment=_int(fields, "segment"),
-            assignment_id=_match(fields, "assignment_id", _ASSIGNMENT_ID),
-            worker=_name(fields, "worker"),
-            base_digest=_match(fields, "base_digest", _HEX64),
+            **_assignment_fields(fields),
             status=status,
             seconds=_float(fields, "seconds"),
         )
@@ -130,6 +120,18 @@ def _fields(message: object, kind: str) -> dict:
             f"protocol version {message.get('version')!r} is not supported; this side speaks {PROTOCOL_VERSION}"
         )
     return message
+
+
+def _assignment_fields(fields: dict) -> dict:
+    """Parse the fields that bind a job or result to one assignment."""
+    return {
+        "run_id": _name(fields, "run_id"),
+        "epoch": _int(fields, "epoch"),
+        "segment": _int(fields, "segment"),
+        "assignment_id": _match(fields, "assignment_id", _ASSIGNMENT_ID),
+        "worker": _name(fields, "worker"),
+        "base_digest": _match(fields, "base_digest", _HEX64),
+    }
 
 
 def _reject_extra(fields: dict, cls: type) -> None:
