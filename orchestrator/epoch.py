@@ -57,6 +57,29 @@ def eligible_workers(heartbeats: dict[str, dict], dataset: str) -> list[str]:
     )
 
 
+def wait_for_workers(client: FarmClient, *, dataset: str, count: int, timeout: float) -> list[str]:
+    """Wait until `count` eligible workers are live; raise StaffingError naming what was found."""
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        heartbeats = client.live_workers()
+        eligible = eligible_workers(heartbeats, dataset)
+        if len(eligible) >= count:
+            return eligible
+        if time.monotonic() >= deadline:
+            unhealthy = [f"{name} ({record.get('health')})" for name, record in heartbeats.items() if name not in eligible]
+            raise StaffingError(
+                f"need {count} live workers with {dataset} for the replicas, found {len(eligible)} "
+                f"after {timeout:.0f} s: {eligible or 'none'}"
+                + (f"; not eligible: {', '.join(unhealthy)}" if unhealthy else "")
+                + ". Start workers with: celery -A tasks worker -n NAME@%h (each NAME unique)"
+            )
+        if not announced:
+            logger.info("waiting up to %.0f s for %d live workers (found %d)", timeout, count, len(eligible))
+            announced = True
+        time.sleep(0.5)
+
+
 class EpochRunner:
     """Run the epochs of one run against live workers."""
 
@@ -125,12 +148,8 @@ class EpochRunner:
         self._failed: list[RejectedResult] = []
         self._reissues = Counter()
 
-        eligible = self._eligible()
-        if len(eligible) < self.farm.replicas:
-            raise StaffingError(
-                f"epoch {epoch} needs {self.farm.replicas} live workers with {self.training.dataset}, "
-                f"found {len(eligible)}: {eligible}; start more with: celery -A tasks worker -n NAME@%h"
-            )
+        eligible = wait_for_workers(self.client, dataset=self.training.dataset, count=self.farm.replicas,
+                                    timeout=self.farm.worker_wait)
         for vote in self._votes.values():
             self._issue(vote, self.farm.replicas, epoch=epoch, base_digest=base_digest, eligible=eligible)
         self.on_change(epoch, self._votes)

@@ -19,9 +19,8 @@ from model.network import initial_state_dict
 from model.training import configure_torch, evaluate, reconstruct
 from model.weights import encode, model_spec, state_dict_digest
 from orchestrator.client import FarmClient
-from orchestrator.epoch import EpochOutcome, EpochRunner, eligible_workers
+from orchestrator.epoch import EpochOutcome, EpochRunner
 from orchestrator.progress import Progress
-from orchestrator.errors import StaffingError
 from orchestrator.plots import plot_losses, plot_reconstructions
 from orchestrator.quorum import SegmentVote
 from orchestrator.rundir import RunDirectory
@@ -44,29 +43,6 @@ class RunResult:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def wait_for_workers(client: FarmClient, *, dataset: str, count: int, timeout: float) -> list[str]:
-    """Wait until `count` eligible workers are live; raise StaffingError naming what was found."""
-    deadline = time.monotonic() + timeout
-    announced = False
-    while True:
-        heartbeats = client.live_workers()
-        eligible = eligible_workers(heartbeats, dataset)
-        if len(eligible) >= count:
-            return eligible
-        if time.monotonic() >= deadline:
-            unhealthy = [f"{name} ({record.get('health')})" for name, record in heartbeats.items() if name not in eligible]
-            raise StaffingError(
-                f"need {count} live workers with {dataset} for the replicas, found {len(eligible)} "
-                f"after {timeout:.0f} s: {eligible or 'none'}"
-                + (f"; not eligible: {', '.join(unhealthy)}" if unhealthy else "")
-                + ". Start workers with: celery -A tasks worker -n NAME@%h (each NAME unique)"
-            )
-        if not announced:
-            logger.info("waiting up to %.0f s for %d live workers (found %d)", timeout, count, len(eligible))
-            announced = True
-        time.sleep(0.5)
 
 
 def _epoch_record(epoch: int, outcome: EpochOutcome, sizes: list[int], digest: str, test_loss: float) -> dict:
@@ -160,7 +136,6 @@ def run_training(
                          data_digests=data_digests, verifier=WeightsVerifier(client.store, model_spec()),
                          on_change=publish)
     try:
-        wait_for_workers(client, dataset=training.dataset, count=farm.replicas, timeout=farm.worker_wait)
         epoch_started = time.monotonic()
         runner.start_epoch(1, base_digest)
         for epoch in range(1, epochs + 1):
