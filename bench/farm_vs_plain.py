@@ -89,7 +89,7 @@ def main() -> None:
     with LocalFarm(workers=args.workers, data_root=args.data_root, log_dir=work / "logs") as farm:
         client = FarmClient(farm.broker_url, farm.broker_url)
         result = run_training(client=client, training=training, farm=farm_settings, epochs=args.epochs,
-                              run_dir=work / "run", data_root=args.data_root)
+                              run_dir=work / "run", data_root=args.data_root, state_dir=farm.state_dir)
         memory = {}
         for node, process in farm.workers.items():
             parent = peak_rss_mib(process.pid)

@@ -115,12 +115,14 @@ class FarmSettings:
     max_reissues: int = 3  # extra replicas per segment and epoch after disagreement, failure or timeout
     job_timeout: float = 600.0  # seconds a replica may take before it is re-issued elsewhere
     worker_wait: float = 60.0  # seconds to wait at start for enough live workers
+    max_strikes: int = 3  # strikes (outvoted or rejected results) before a worker is quarantined
 
     def validate(self) -> FarmSettings:
         """Raise SettingsError for the first invalid field; return self when all are valid."""
         _require_int("replicas", self.replicas, minimum=1)
         _require_int("quorum", self.quorum, minimum=1)
         _require_int("max_reissues", self.max_reissues, minimum=0)
+        _require_int("max_strikes", self.max_strikes, minimum=1)
         if self.quorum > self.replicas:
             raise SettingsError(
                 f"invalid quorum {self.quorum}: it cannot exceed replicas ({self.replicas}); "

@@ -1,23 +1,37 @@
-"""Placement of replicas on workers: distinct workers per job, load spread evenly."""
+"""Placement of replicas on workers: distinct workers and owners per job, random among the least loaded."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Mapping
+
+_system_random = random.SystemRandom()
 
 
 def choose_workers(
-    eligible: Iterable[str], *, count: int, exclude: set[str], load: Counter, offset: int = 0
+    owners: Mapping[str, str],
+    *,
+    count: int,
+    exclude_workers: set[str],
+    exclude_owners: set[str],
+    load: Counter,
+    rng: random.Random = _system_random,
 ) -> list[str]:
-    """Return `count` distinct workers outside `exclude`, least loaded first.
+    """Return up to `count` workers of distinct owners, none excluded, least loaded first.
 
-    Ties are broken by name, rotated by `offset` so that equal loads spread over segments.
-    Returns fewer than `count` names when too few workers are available.
+    `owners` maps each eligible worker to its owner. Workers of equal load are taken in a
+    random order, so no worker can predict or steer which jobs it receives.
     """
-    candidates = sorted(set(eligible) - exclude)
-    if not candidates:
-        return []
-    shift = offset % len(candidates)
-    rotated = candidates[shift:] + candidates[:shift]
-    ranked = sorted(rotated, key=lambda worker: load[worker])  # stable: keeps the rotation among ties
-    return ranked[:count]
+    candidates = [w for w in owners if w not in exclude_workers and owners[w] not in exclude_owners]
+    rng.shuffle(candidates)
+    candidates.sort(key=lambda worker: load[worker])  # stable: keeps the random order among ties
+    chosen: list[str] = []
+    taken = set(exclude_owners)
+    for worker in candidates:
+        if len(chosen) == count:
+            break
+        if owners[worker] not in taken:
+            chosen.append(worker)
+            taken.add(owners[worker])
+    return chosen

@@ -27,6 +27,7 @@ from config.settings import (
     data_root_from_env,
 )
 from orchestrator.client import FarmClient
+from orchestrator.identity import state_dir_from_env
 from orchestrator.progress import Progress
 
 logger = logging.getLogger("orchestrator")
@@ -116,6 +117,8 @@ def training_options(command):
                      help="Extra replicas per segment and epoch after disagreement, failure or timeout."),
         click.option("--job-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS_FARM.job_timeout,
                      show_default=True, help="Seconds a replica may run before it is re-issued to another worker."),
+        click.option("--max-strikes", type=click.IntRange(min=1), default=DEFAULTS_FARM.max_strikes,
+                     show_default=True, help="Strikes (outvoted or invalid results) before a worker is quarantined."),
         click.option("--worker-wait", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS_FARM.worker_wait,
                      show_default=True, help="Seconds to wait at start for R live workers."),
         click.option("--dataset", type=click.Choice(sorted(DATASETS)), default=DEFAULTS_TRAINING.dataset,
@@ -158,6 +161,12 @@ def connection_options(command):
     return command
 
 
+def state_dir_option(command):
+    return click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="FARM_STATE_DIR",
+                        default=state_dir_from_env, show_default="FARM_STATE_DIR or ./farm-state",
+                        help="Directory of the orchestrator's key and the worker registry.")(command)
+
+
 def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
     try:
         training = TrainingSettings(
@@ -167,7 +176,7 @@ def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
         ).validate()
         farm = FarmSettings(
             replicas=options["replicas"], quorum=options["quorum"], max_reissues=options["max_reissues"],
-            job_timeout=options["job_timeout"], worker_wait=options["worker_wait"],
+            job_timeout=options["job_timeout"], worker_wait=options["worker_wait"], max_strikes=options["max_strikes"],
         ).validate()
     except SettingsError as error:
         option = OPTION_NAMES.get(error.field, f"--{(error.field or '').replace('_', '-')}")
@@ -177,16 +186,20 @@ def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
 
 def _train(client: FarmClient, training: TrainingSettings, farm: FarmSettings, options: dict, run_id: str):
     from orchestrator.training import run_training
+    from protocol.crypto import CryptoError
 
     run_dir = options["run_dir"] or Path("runs") / run_id
     try:
         return run_training(
             client=client, training=training, farm=farm, epochs=options["epochs"], run_dir=run_dir,
-            data_root=options["data_root"], download=options["download"], run_id=run_id,
+            data_root=options["data_root"], state_dir=options["state_dir"], download=options["download"],
+            run_id=run_id,
             progress_factory=_progress_factory(),
         )
     except FileExistsError as error:
         raise click.UsageError(str(error)) from None
+    except CryptoError as error:
+        raise click.ClickException(str(error)) from None
     except RuntimeError as error:  # DatasetError and friends: show the message, not a traceback
         if isinstance(error, click.ClickException):
             raise
@@ -208,6 +221,7 @@ def main() -> None:
 
 @main.command()
 @training_options
+@state_dir_option
 @connection_options
 def run(**options) -> None:
     """Train on the workers that are live on the broker and write the run directory."""
@@ -252,6 +266,7 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
             hint = "" if keep_running else " (it stops with the run; pass --keep-running to keep it up)"
             click.echo(f"Flower UI: {farm_processes.flower_url}{hint}")
         client = _connect(farm_processes.broker_url, None)
+        options["state_dir"] = farm_processes.state_dir
         result = _train(client, training, farm, options, run_id)
         _report(result)
         if keep_running:
@@ -326,7 +341,7 @@ def status(run_dir: Path | None, as_json: bool, broker_url: str, store_url: str 
         click.echo(json.dumps({"workers": workers, "run": state}, indent=2))
         return
     if workers is not None:
-        _print_workers(workers)
+        _print_workers(workers, {})
     if not state:
         click.echo("No run has published its state yet.")
         return
@@ -342,43 +357,128 @@ def status(run_dir: Path | None, as_json: bool, broker_url: str, store_url: str 
             click.echo(f"    {replica['assignment_id'][:12]} {replica['worker']:<30} {replica['status']:<9} {detail}")
 
 
-def _print_workers(workers: dict[str, dict]) -> None:
-    if not workers:
-        click.echo("No live workers. Start one with: celery -A tasks worker -n NAME@%h")
+def _print_workers(live: dict[str, dict], enrollments: dict) -> None:
+    if not live and not enrollments:
+        click.echo("No live or enrolled workers. Start one with: celery -A tasks worker -n NAME@%h")
         return
-    click.echo(f"{'WORKER':<32} {'HEALTH':<10} {'STATE':<6} {'JOBS':>5} {'UPTIME':>8}  DATASETS")
-    now = time.time()
-    for name, record in sorted(workers.items()):
-        datasets = ",".join(d for d, present in sorted(record.get("datasets", {}).items()) if present) or "-"
-        health = record.get("health", "?")
-        click.echo(f"{name:<32} {health if health == 'ok' else 'UNHEALTHY':<10} "
-                   f"{'busy' if record.get('active') else 'idle':<6} {record.get('processed', 0):>5} "
-                   f"{now - record.get('started_at', now):>7.0f}s  {datasets}")
-        if health != "ok":
-            click.echo(f"    {health}")
+    click.echo(f"{'WORKER':<28} {'OWNER':<14} {'STANDING':<12} {'LIVE':<10} {'VALID':>5} {'STRIKES':>7} {'JOBS':>5}")
+    for name in sorted(set(live) | set(enrollments)):
+        record, entry = live.get(name), enrollments.get(name)
+        if entry is None:
+            standing = "unenrolled"
+        else:
+            standing = "revoked" if entry.revoked else "quarantined" if entry.quarantined else "enrolled"
+        if record is None:
+            state = "offline"
+        elif record.get("health") != "ok":
+            state = "unhealthy"
+        else:
+            state = "busy" if record.get("active") else "idle"
+        click.echo(f"{name:<28} {entry.owner if entry else '-':<14} {standing:<12} {state:<10} "
+                   f"{entry.valid_results if entry else 0:>5} {entry.strikes if entry else 0:>7} "
+                   f"{record.get('processed', 0) if record else 0:>5}")
+        if record is not None and record.get("health") != "ok":
+            click.echo(f"    {record.get('health')}")
+        if entry is not None and record is not None and record.get("public_key") != entry.public_key:
+            click.echo("    its public key differs from the enrolled one: re-enroll it or check the key file")
+
+
+def _enrollments(state_dir: Path) -> dict:
+    from orchestrator.registry import Registry
+
+    return Registry(state_dir).load()
 
 
 @main.group(invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the heartbeat records as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print heartbeat and enrollment records as JSON.")
+@state_dir_option
 @connection_options
 @click.pass_context
-def workers(context: click.Context, as_json: bool, broker_url: str, store_url: str | None) -> None:
-    """List the live workers (the default subcommand), with health, state and jobs done."""
+def workers(context: click.Context, as_json: bool, state_dir: Path, broker_url: str, store_url: str | None) -> None:
+    """Manage enrolled workers; without a subcommand, list them (see `workers list`)."""
     if context.invoked_subcommand is None:
-        context.invoke(list_workers, as_json=as_json, broker_url=broker_url, store_url=store_url)
+        context.invoke(list_workers, as_json=as_json, state_dir=state_dir, broker_url=broker_url, store_url=store_url)
 
 
 @workers.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the heartbeat records as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print heartbeat and enrollment records as JSON.")
+@state_dir_option
 @connection_options
-def list_workers(as_json: bool = False, broker_url: str | None = None, store_url: str | None = None) -> None:
-    """List the live workers from their heartbeats."""
+def list_workers(as_json: bool = False, state_dir: Path | None = None, broker_url: str | None = None,
+                 store_url: str | None = None) -> None:
+    """List live and enrolled workers: owner, standing, health, valid results, strikes, jobs."""
+    import dataclasses
+
     client = _connect(broker_url or broker_url_from_env(), store_url)
-    records = client.live_workers()
+    live = client.live_workers()
+    enrollments = _enrollments(state_dir or state_dir_from_env())
     if as_json:
-        click.echo(json.dumps(records, indent=2))
+        names = sorted(set(live) | set(enrollments))
+        click.echo(json.dumps({name: {"heartbeat": live.get(name),
+                                      "enrollment": dataclasses.asdict(enrollments[name]) if name in enrollments else None}
+                               for name in names}, indent=2))
     else:
-        _print_workers(records)
+        _print_workers(live, enrollments)
+
+
+@workers.command("enroll")
+@click.argument("name")
+@click.argument("public_key")
+@click.option("--owner", required=True, help="Owner label; workers of one owner count once toward a quorum.")
+@state_dir_option
+def enroll_worker(name: str, public_key: str, owner: str, state_dir: Path) -> None:
+    """Enroll worker NAME (its full node name, e.g. alice@host) with its base64 PUBLIC_KEY."""
+    from orchestrator.registry import Registry, RegistryError
+    from protocol.crypto import CryptoError, key_id
+
+    try:
+        Registry(state_dir).enroll(name, public_key, owner)
+    except (RegistryError, CryptoError) as error:
+        raise click.BadParameter(str(error)) from None
+    click.echo(f"enrolled {name} (owner {owner}, key {key_id(public_key)}) in {state_dir}")
+
+
+@workers.command("revoke")
+@click.argument("name")
+@state_dir_option
+def revoke_worker(name: str, state_dir: Path) -> None:
+    """Revoke worker NAME: it gets no more jobs and its results are rejected."""
+    from orchestrator.registry import Registry, RegistryError
+
+    try:
+        Registry(state_dir).revoke(name)
+    except RegistryError as error:
+        raise click.BadParameter(str(error)) from None
+    click.echo(f"revoked {name}")
+
+
+@main.command()
+@state_dir_option
+def init(state_dir: Path) -> None:
+    """Create the orchestrator's key pair and an empty worker registry in the state directory."""
+    from orchestrator.identity import OrchestratorIdentity
+    from protocol.crypto import CryptoError
+
+    try:
+        identity = OrchestratorIdentity.create(state_dir)
+    except CryptoError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"created the orchestrator key in {state_dir}")
+    click.echo(f"copy {identity.public_file} to every worker and set FARM_ORCHESTRATOR_KEY to its path")
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(path: Path) -> None:
+    """Create a worker's Ed25519 key at PATH (mode 0600) and print its public key for enrollment."""
+    from protocol.crypto import generate_key, public_key_text
+
+    try:
+        key = generate_key(path)
+    except FileExistsError:
+        raise click.ClickException(f"{path} already exists; keep that key or remove it first") from None
+    click.echo(f"created {path}; set FARM_WORKER_KEY={path} for the worker and enroll it with:")
+    click.echo(f"  orchestrator workers enroll NAME@HOST {public_key_text(key)} --owner OWNER")
 
 
 if __name__ == "__main__":

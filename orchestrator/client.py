@@ -10,7 +10,7 @@ from celery import Celery
 from config.celery import celery_settings
 from protocol.heartbeat import read_heartbeats
 from protocol.messages import TASK_NAME, Job, worker_queue
-from protocol.store import RedisWeightStore, replica_weights_key
+from protocol.store import RedisWeightStore
 
 CURRENT_RUN_KEY = "farm:runs:current"
 
@@ -48,10 +48,6 @@ class FarmClient:
         """Ask workers to drop replicas that are no longer needed; a running one finishes and is ignored."""
         if assignment_ids:
             self.app.control.revoke(assignment_ids)
-
-    def delete_replica_weights(self, assignment_ids: list[str]) -> None:
-        """Delete the result blobs of decided replicas; the accepted weights live on in the average."""
-        self.store.delete([replica_weights_key(a) for a in assignment_ids])
 
     def pop_reply(self, key: str, timeout: float) -> bytes | None:
         """Return the next raw reply on `key`, waiting up to `timeout` seconds."""

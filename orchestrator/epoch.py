@@ -17,9 +17,12 @@ from orchestrator.client import FarmClient
 from orchestrator.errors import QuorumError, StaffingError
 from orchestrator.progress import Progress
 from orchestrator.quorum import FAILED, LOST, REJECTED, TIMED_OUT, Replica, SegmentVote
+from orchestrator.identity import OrchestratorIdentity
+from orchestrator.registry import Enrollment, Registry
 from orchestrator.verify import EpochContext, Rejection, WeightsVerifier, check_binding
+from protocol.crypto import CryptoError, parse_public_key
+from protocol.envelope import open_result, sign_job, verify_result
 from protocol.messages import Job, ProtocolError, Result
-from protocol.store import replica_weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -49,33 +52,57 @@ class EpochOutcome:
     failed: list[RejectedResult] = field(default_factory=list)
 
 
-def eligible_workers(heartbeats: dict[str, dict], dataset: str) -> list[str]:
-    """Return live workers that report healthy and hold the run's dataset."""
-    return sorted(
-        name for name, record in heartbeats.items()
-        if record.get("health") == "ok" and record.get("datasets", {}).get(dataset)
-    )
+def ineligibility(record: dict, enrollment: Enrollment | None, dataset: str) -> str | None:
+    """Return why a live worker may not receive jobs, or None when it may."""
+    if enrollment is None:
+        return "not enrolled"
+    if enrollment.revoked:
+        return "revoked"
+    if enrollment.quarantined:
+        return "quarantined"
+    if record.get("public_key") != enrollment.public_key:
+        return "public key differs from its enrollment"
+    if record.get("health") != "ok":
+        return str(record.get("health"))
+    if not record.get("datasets", {}).get(dataset):
+        return f"no {dataset} under its data root"
+    return None
 
 
-def wait_for_workers(client: FarmClient, *, dataset: str, count: int, timeout: float) -> list[str]:
-    """Wait until `count` eligible workers are live; raise StaffingError naming what was found."""
+def eligible_workers(heartbeats: dict[str, dict], enrollments: dict[str, Enrollment], dataset: str) -> dict[str, str]:
+    """Return worker -> owner for live workers that are enrolled, in good standing, healthy and hold the data."""
+    return {
+        name: enrollments[name].owner
+        for name, record in sorted(heartbeats.items())
+        if ineligibility(record, enrollments.get(name), dataset) is None
+    }
+
+
+def wait_for_workers(client: FarmClient, registry: Registry, *, dataset: str, owners: int,
+                     timeout: float) -> dict[str, str]:
+    """Wait until eligible workers of `owners` distinct owners are live; raise StaffingError otherwise."""
     deadline = time.monotonic() + timeout
     announced = False
     while True:
         heartbeats = client.live_workers()
-        eligible = eligible_workers(heartbeats, dataset)
-        if len(eligible) >= count:
+        enrollments = registry.load()
+        eligible = eligible_workers(heartbeats, enrollments, dataset)
+        if len(set(eligible.values())) >= owners:
             return eligible
         if time.monotonic() >= deadline:
-            unhealthy = [f"{name} ({record.get('health')})" for name, record in heartbeats.items() if name not in eligible]
+            excluded = [f"{name} ({ineligibility(record, enrollments.get(name), dataset)})"
+                        for name, record in sorted(heartbeats.items()) if name not in eligible]
             raise StaffingError(
-                f"need {count} live workers with {dataset} for the replicas, found {len(eligible)} "
-                f"after {timeout:.0f} s: {eligible or 'none'}"
-                + (f"; not eligible: {', '.join(unhealthy)}" if unhealthy else "")
-                + ". Start workers with: celery -A tasks worker -n NAME@%h (each NAME unique)"
+                f"need live workers of {owners} distinct owners with {dataset} for the replicas, found "
+                f"{len(set(eligible.values()))} after {timeout:.0f} s: "
+                f"{', '.join(f'{w} (owner {o})' for w, o in eligible.items()) or 'none'}"
+                + (f"; not eligible: {', '.join(excluded)}" if excluded else "")
+                + ". Start workers with: celery -A tasks worker -n NAME@%h, and enroll them with: "
+                "orchestrator workers enroll NAME PUBLIC_KEY --owner OWNER"
             )
         if not announced:
-            logger.info("waiting up to %.0f s for %d live workers (found %d)", timeout, count, len(eligible))
+            logger.info("waiting up to %.0f s for live workers of %d owners (found %d)",
+                        timeout, owners, len(set(eligible.values())))
             announced = True
         time.sleep(0.5)
 
@@ -92,8 +119,12 @@ class EpochRunner:
         farm: FarmSettings,
         data_digests: list[str],
         verifier: WeightsVerifier,
+        identity: OrchestratorIdentity,
+        registry: Registry,
         on_change: Callable[[int, dict[int, SegmentVote]], None] = lambda epoch, votes: None,
     ) -> None:
+        self.identity = identity
+        self.registry = registry
         self.client = client
         self.run_id = run_id
         self.training = training
@@ -105,29 +136,29 @@ class EpochRunner:
 
     # --- placement -------------------------------------------------------------
 
-    def _eligible(self) -> list[str]:
-        return eligible_workers(self.client.live_workers(), self.training.dataset)
+    def _eligible(self) -> dict[str, str]:
+        return eligible_workers(self.client.live_workers(), self.registry.load(), self.training.dataset)
 
-    def _issue(self, vote: SegmentVote, count: int, *, epoch: int, base_digest: str, eligible: list[str]) -> int:
+    def _issue(self, vote: SegmentVote, count: int, *, epoch: int, base_digest: str, eligible: dict[str, str]) -> int:
         pending_load = Counter(
             replica.worker for other in self._votes.values() for replica in other.pending()
         )
         workers = choose_workers(
-            eligible, count=count, exclude=vote.workers(), load=pending_load,
-            offset=epoch * self.training.segments + vote.segment,
+            eligible, count=count, exclude_workers=vote.workers(), exclude_owners=vote.owners(), load=pending_load,
         )
         now_wall, now = time.time(), time.monotonic()
         for worker in workers:
             queue_depth = pending_load[worker] + 1  # jobs ahead of this one on the worker, plus itself
             budget = self.farm.job_timeout * queue_depth
-            job = Job(
+            job = sign_job(Job(
                 run_id=self.run_id, epoch=epoch, segment=vote.segment,
                 assignment_id=secrets.token_hex(16), worker=worker,
                 base_digest=base_digest, data_digest=self.data_digests[vote.segment],
                 training=self.training.to_dict(), reply_to=self.reply_key,
                 issued_at=now_wall, expires_at=now_wall + budget,
-            )
-            vote.add(Replica(job.assignment_id, worker, vote.segment, issued_at=now_wall, deadline=now + budget))
+            ), self.identity.signing)
+            vote.add(Replica(job.assignment_id, worker, eligible[worker], vote.segment,
+                             issued_at=now_wall, deadline=now + budget))
             self.client.send(job, time_limit=self.farm.job_timeout, expires_in=budget)
             pending_load[worker] += 1
             logger.debug("issued segment %d to %s as %s", vote.segment, worker, job.assignment_id)
@@ -148,8 +179,8 @@ class EpochRunner:
         self._failed: list[RejectedResult] = []
         self._reissues = Counter()
 
-        eligible = wait_for_workers(self.client, dataset=self.training.dataset, count=self.farm.replicas,
-                                    timeout=self.farm.worker_wait)
+        eligible = wait_for_workers(self.client, self.registry, dataset=self.training.dataset,
+                                    owners=self.farm.replicas, timeout=self.farm.worker_wait)
         for vote in self._votes.values():
             self._issue(vote, self.farm.replicas, epoch=epoch, base_digest=base_digest, eligible=eligible)
         self.on_change(epoch, self._votes)
@@ -177,8 +208,10 @@ class EpochRunner:
 
         # Revoke replicas of decided segments, so their workers are free for the next epoch.
         self.client.revoke([r.assignment_id for vote in self._votes.values() for r in vote.pending()])
+        self._record_standing(context.epoch)
         outcome = self._outcome(self._reissues)
-        self.client.delete_replica_weights([a for vote in self._votes.values() for a in vote.replicas])
+        self.client.store.delete([r.weights_key for vote in self._votes.values() for r in vote.replicas.values()
+                                  if r.weights_key])
         return outcome
 
     def _time_to_next_deadline(self, next_liveness_check: float) -> float:
@@ -186,14 +219,15 @@ class EpochRunner:
         return max(0.0, min(deadlines + [next_liveness_check]) - time.monotonic())
 
     def _handle_reply(self, raw: bytes, context: EpochContext, progress: Progress) -> bool:
-        """Verify one reply and count it; return whether any vote changed."""
+        """Open, authenticate and verify one reply, and count it; return whether any vote changed."""
         try:
-            result = Result.from_message(json.loads(raw))
-        except (ValueError, ProtocolError) as error:
+            result = open_result(json.loads(raw), self.identity.sealing)
+        except (ValueError, ProtocolError, CryptoError) as error:
             self._reject("?", "?", None, f"malformed result: {error}")
             return False
         vote = self._votes.get(result.segment)
         try:
+            self._authenticate(result)
             replica = check_binding(result, vote.replicas.get(result.assignment_id) if vote else None, context)
         except Rejection as rejection:
             self._reject(result.assignment_id, result.worker, result.segment, rejection.reason)
@@ -202,17 +236,43 @@ class EpochRunner:
         if result.status == "error":
             self._fail(vote, replica, FAILED, f"worker reported an error: {result.error}", progress)
             return True
+        replica.weights_key = result.weights_key
         try:
-            self.verifier.verify(replica_weights_key(result.assignment_id), result.weights_digest)
+            self.verifier.verify(result.weights_key, result.weights_digest)
         except Rejection as rejection:
             # The assignment is used up: each assignment counts once, even when its result is rejected.
             self._reject(result.assignment_id, result.worker, result.segment, rejection.reason)
             vote.record_failure(replica.assignment_id, REJECTED, rejection.reason)
             progress.advance()
             return True
-        vote.record_agreeable(replica.assignment_id, result.weights_digest, result.loss, result.loss_bits)
+        vote.record_agreeable(replica.assignment_id, result.weights_digest, result.loss, result.loss_bits,
+                              signed_result=result.to_message())
         progress.advance()
         return True
+
+    def _record_standing(self, epoch: int) -> None:
+        """Credit the voters of each decision; strike workers that were outvoted or sent invalid weights."""
+        self.registry.record_valid([worker for vote in self._votes.values() for worker in vote.voters()])
+        for vote in self._votes.values():
+            losers = [(r, "outvoted") for r in vote.dissenters()]
+            losers += [(r, f"invalid result: {r.reason}") for r in vote.replicas.values() if r.status == REJECTED]
+            for replica, why in losers:
+                reason = f"epoch {epoch} segment {vote.segment} assignment {replica.assignment_id}: {why}"
+                logger.warning("strike for worker %s: %s", replica.worker, reason)
+                if self.registry.add_strike(replica.worker, reason):
+                    logger.warning("worker %s quarantined after %d strikes", replica.worker, self.registry.max_strikes)
+
+    def _authenticate(self, result: Result) -> None:
+        """Raise Rejection unless an enrolled, unrevoked worker signed `result` with its enrolled key."""
+        enrollment = self.registry.load().get(result.worker)
+        if enrollment is None:
+            raise Rejection(f"worker {result.worker} is not enrolled")
+        if enrollment.revoked:
+            raise Rejection(f"worker {result.worker} is revoked")
+        try:
+            verify_result(result, parse_public_key(enrollment.public_key))
+        except CryptoError as error:
+            raise Rejection(f"invalid signature: {error}") from None
 
     def _reject(self, assignment_id: str, worker: str, segment: int | None, reason: str) -> None:
         logger.warning("rejected result: assignment %s worker %s segment %s: %s", assignment_id, worker, segment, reason)

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import redis
 
+from orchestrator.identity import KEY_FILE, PUBLIC_FILE, OrchestratorIdentity
+from orchestrator.registry import Registry
+from protocol.crypto import generate_key, load_private_key, public_key_text
 from protocol.heartbeat import read_heartbeats
 
 logger = logging.getLogger(__name__)
@@ -33,7 +36,11 @@ def free_port() -> int:
 
 
 class LocalFarm:
-    """Start Redis, workers and optionally Flower on 127.0.0.1; stop all of them on exit."""
+    """Start Redis, workers and optionally Flower on 127.0.0.1; stop all of them on exit.
+
+    It also creates the orchestrator's key in `state_dir` (default LOG_DIR/state), a key per
+    worker, and enrolls each worker under an owner of its own unless told otherwise.
+    """
 
     def __init__(
         self,
@@ -44,6 +51,7 @@ class LocalFarm:
         flower: bool = False,
         worker_prefix: str = "worker",
         extra_env: dict[str, str] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.worker_count = workers
         self.data_root = Path(data_root).resolve()
@@ -57,17 +65,22 @@ class LocalFarm:
         self.redis_process: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.flower_process: subprocess.Popen | None = None
+        self.state_dir = Path(state_dir) if state_dir else self.log_dir / "state"
+        self.registry = Registry(self.state_dir)
 
     @property
     def flower_url(self) -> str | None:
         return f"http://127.0.0.1:{self.flower_port}/" if self.flower_port else None
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, worker_key: Path | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.extra_env)
         env["FARM_BROKER_URL"] = self.broker_url
         env["FARM_STORE_URL"] = self.broker_url
         env["FARM_DATA_ROOT"] = str(self.data_root)
+        env["FARM_ORCHESTRATOR_KEY"] = str((self.state_dir / PUBLIC_FILE).resolve())
+        if worker_key is not None:
+            env["FARM_WORKER_KEY"] = str(worker_key.resolve())
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         return env
 
@@ -84,6 +97,8 @@ class LocalFarm:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.state_dir / KEY_FILE).exists():
+            OrchestratorIdentity.create(self.state_dir)
         self.start_redis()
         for index in range(1, self.worker_count + 1):
             self.start_worker(f"{self.worker_prefix}{index}")
@@ -115,14 +130,24 @@ class LocalFarm:
                 time.sleep(0.1)
         logger.info("started Redis on %s", self.broker_url)
 
-    def start_worker(self, name: str, *, app: str = "tasks") -> str:
-        """Start one worker process of Celery app module `app`, named NAME@host; return its node name."""
+    def worker_key(self, name: str) -> Path:
+        """Return the key file of worker NAME, creating it on first use."""
+        path = self.log_dir / "keys" / f"{name}.key"
+        if not path.exists():
+            generate_key(path)
+        return path
+
+    def start_worker(self, name: str, *, app: str = "tasks", owner: str | None = None, enroll: bool = True) -> str:
+        """Start a worker of Celery app module `app` named NAME@host, enrolled under `owner` (default NAME)."""
         node = f"{name}@{socket.gethostname()}"
+        key = self.worker_key(name)
+        if enroll:
+            self.registry.enroll(node, public_key_text(load_private_key(key)), owner or name)
         command = [sys.executable, "-m", "celery", "-A", app, "worker", "-n", node,
                    "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
         log = open(self.log_dir / f"{name}.log", "ab")
         self.workers[node] = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+            command, cwd=PROJECT_ROOT, env=self.environment(key), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so a kill reaches the pool child too
         )
         logger.info("started worker %s (pid %d)", node, self.workers[node].pid)

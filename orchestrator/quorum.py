@@ -18,6 +18,7 @@ class Replica:
 
     assignment_id: str
     worker: str
+    owner: str
     segment: int
     issued_at: float
     deadline: float  # monotonic seconds; past it a pending replica times out
@@ -26,11 +27,14 @@ class Replica:
     loss: float = 0.0
     loss_bits: str = ""
     reason: str = ""
+    signed_result: dict | None = None  # the worker's signed result message, kept for the ledger
+    weights_key: str = ""  # where the worker stored its sealed result weights
 
     def summary(self) -> dict:
         return {
             "assignment_id": self.assignment_id,
             "worker": self.worker,
+            "owner": self.owner,
             "status": self.status,
             "weights_digest": self.weights_digest,
             "loss": self.loss,
@@ -40,30 +44,37 @@ class Replica:
 
 @dataclass
 class SegmentVote:
-    """Replicas of one segment job; accepted once `quorum` distinct workers return the same bits."""
+    """Replicas of one segment job; accepted once `quorum` distinct owners return the same bits."""
 
     segment: int
     quorum: int
     replicas: dict[str, Replica] = field(default_factory=dict)
-    # (weights digest, loss bits) -> workers that returned it
+    # (weights digest, loss bits) -> owners whose workers returned it; an owner counts once
     groups: dict[tuple[str, str], set[str]] = field(default_factory=dict)
 
     def add(self, replica: Replica) -> None:
         if replica.worker in self.workers():
             raise ValueError(f"worker {replica.worker} already has a replica of segment {self.segment}")
+        if replica.owner in self.owners():
+            raise ValueError(f"owner {replica.owner} already has a replica of segment {self.segment}")
         self.replicas[replica.assignment_id] = replica
 
     def workers(self) -> set[str]:
         return {replica.worker for replica in self.replicas.values()}
 
+    def owners(self) -> set[str]:
+        return {replica.owner for replica in self.replicas.values()}
+
     def pending(self) -> list[Replica]:
         return [replica for replica in self.replicas.values() if replica.status == PENDING]
 
-    def record_agreeable(self, assignment_id: str, weights_digest: str, loss: float, bits: str) -> None:
-        """Count a verified result as one vote for its (digest, loss bits) group."""
+    def record_agreeable(self, assignment_id: str, weights_digest: str, loss: float, bits: str,
+                         signed_result: dict | None = None) -> None:
+        """Count a verified result as one vote of its owner for its (digest, loss bits) group."""
         replica = self._pending(assignment_id)
         replica.status, replica.weights_digest, replica.loss, replica.loss_bits = AGREED, weights_digest, loss, bits
-        self.groups.setdefault((weights_digest, bits), set()).add(replica.worker)
+        replica.signed_result = signed_result
+        self.groups.setdefault((weights_digest, bits), set()).add(replica.owner)
 
     def record_failure(self, assignment_id: str, status: str, reason: str) -> None:
         replica = self._pending(assignment_id)
@@ -95,5 +106,14 @@ class SegmentVote:
         return max(0, self.quorum - largest - len(self.pending()))
 
     def voters(self) -> list[str]:
+        """Return the workers whose results match the decision."""
         decision = self.decision
-        return sorted(self.groups[decision]) if decision else []
+        if decision is None:
+            return []
+        return sorted(r.worker for r in self.replicas.values() if (r.weights_digest, r.loss_bits) == decision)
+
+    def dissenters(self) -> list[Replica]:
+        """Return the replicas whose verified results differ from the decision."""
+        decision = self.decision
+        return [r for r in self.replicas.values()
+                if r.status == AGREED and decision is not None and (r.weights_digest, r.loss_bits) != decision]

@@ -20,6 +20,8 @@ from model.training import configure_torch, evaluate, reconstruct
 from model.weights import encode, model_spec, state_dict_digest
 from orchestrator.client import FarmClient
 from orchestrator.epoch import EpochOutcome, EpochRunner
+from orchestrator.identity import OrchestratorIdentity
+from orchestrator.registry import Registry
 from orchestrator.progress import Progress
 from orchestrator.plots import plot_losses, plot_reconstructions
 from orchestrator.quorum import SegmentVote
@@ -74,6 +76,7 @@ def run_training(
     epochs: int,
     run_dir: Path,
     data_root: Path,
+    state_dir: Path,
     download: bool = False,
     run_id: str | None = None,
     progress_factory: Callable[[int], Progress] | None = None,
@@ -81,6 +84,8 @@ def run_training(
     """Train for `epochs` epochs on the farm and write the run directory; return the final digest."""
     training.validate()
     farm.validate()
+    identity = OrchestratorIdentity.load(state_dir)
+    registry = Registry(state_dir, max_strikes=farm.max_strikes)
     run_id = run_id or new_run_id()
     configure_torch(1)  # the orchestrator's own math is light; leave the cores to the workers
     progress_factory = progress_factory or (lambda epoch: Progress())
@@ -133,8 +138,9 @@ def run_training(
         client.publish_status(status)
 
     runner = EpochRunner(client=client, run_id=run_id, training=training, farm=farm,
-                         data_digests=data_digests, verifier=WeightsVerifier(client.store, model_spec()),
-                         on_change=publish)
+                         data_digests=data_digests,
+                         verifier=WeightsVerifier(client.store, model_spec(), sealing=identity.sealing),
+                         identity=identity, registry=registry, on_change=publish)
     try:
         epoch_started = time.monotonic()
         runner.start_epoch(1, base_digest)

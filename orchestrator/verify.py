@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from model.weights import DEFAULT_MAX_BLOB_BYTES, Spec, StateDict, WeightsError, decode_verified
 from orchestrator.quorum import PENDING, Replica
 from protocol.messages import Result
+from protocol.crypto import CryptoError, unseal
+from protocol.envelope import WEIGHTS_CONTEXT
 from protocol.store import StoreError, WeightStore
 
 
@@ -49,8 +53,10 @@ def check_binding(result: Result, replica: Replica | None, context: EpochContext
 class WeightsVerifier:
     """Fetch result weights, re-hash and validate them, and keep each verified digest's state_dict."""
 
-    def __init__(self, store: WeightStore, spec: Spec, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> None:
+    def __init__(self, store: WeightStore, spec: Spec, *, sealing: X25519PrivateKey,
+                 max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> None:
         self._store = store
+        self._sealing = sealing
         self._spec = spec
         self._max_bytes = max_bytes
         self._verified: dict[str, StateDict] = {}
@@ -58,9 +64,12 @@ class WeightsVerifier:
     def verify(self, key: str, digest: str) -> StateDict:
         """Return the state_dict stored under `key` if it hashes to `digest`, or raise Rejection."""
         try:
-            blob = self._store.get(key)
+            box = self._store.get(key)
+            if len(box) > self._max_bytes + 64:
+                raise WeightsError(f"sealed weights are {len(box)} bytes, over the limit of {self._max_bytes} bytes")
+            blob = unseal(self._sealing, box, WEIGHTS_CONTEXT)
             state_dict = decode_verified(blob, digest, self._spec, max_bytes=self._max_bytes)
-        except (StoreError, WeightsError) as error:
+        except (StoreError, WeightsError, CryptoError) as error:
             raise Rejection(str(error)) from None
         return self._verified.setdefault(digest, state_dict)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import re
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 PROTOCOL_VERSION = 1
 TASK_NAME = "farm.train_segment"
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_WEIGHTS_KEY = re.compile(r"^farm:replica-weights:[0-9a-f]{32}$")
+_SIGNATURE = re.compile(r"^[A-Za-z0-9+/]{86}==$")  # base64 of a 64-byte Ed25519 signature
 _ASSIGNMENT_ID = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.@:+=-]{1,200}$")
 MAX_ERROR_CHARS = 2000
@@ -45,6 +47,7 @@ class Job:
     reply_to: str  # Redis list the result is pushed to
     issued_at: float
     expires_at: float
+    signature: str = ""  # the orchestrator's Ed25519 signature over every other field
 
     def to_message(self) -> dict:
         return {"type": "farm.job", "version": PROTOCOL_VERSION, **asdict(self)}
@@ -59,6 +62,7 @@ class Job:
             reply_to=_name(fields, "reply_to"),
             issued_at=_float(fields, "issued_at"),
             expires_at=_float(fields, "expires_at"),
+            signature=_match(fields, "signature", _SIGNATURE),
         )
         _reject_extra(fields, cls)
         return job
@@ -80,6 +84,9 @@ class Result:
     loss_bits: str = ""  # loss_bits(loss); both are compared
     error: str = ""  # set when status is "error"
     seconds: float = 0.0  # wall time the worker spent on the job
+    weights_key: str = ""  # store key of the sealed result weights, random per replica
+    environment: dict = field(default_factory=dict)  # the worker's numerical environment
+    signature: str = ""  # the worker's Ed25519 signature over every other field
 
     def to_message(self) -> dict:
         return {"type": "farm.result", "version": PROTOCOL_VERSION, **asdict(self)}
@@ -94,6 +101,8 @@ class Result:
             **_assignment_fields(fields),
             status=status,
             seconds=_float(fields, "seconds"),
+            environment=_environment(fields),
+            signature=_match(fields, "signature", _SIGNATURE),
         )
         if status == "error":
             error = fields.get("error")
@@ -105,9 +114,25 @@ class Result:
             bits = _match(fields, "loss_bits", re.compile(r"^[0-9a-f]{16}$"))
             if bits != loss_bits(loss):
                 raise ProtocolError(f"loss_bits {bits} do not encode loss {loss!r}")
-            result = cls(**common, weights_digest=_match(fields, "weights_digest", _HEX64), loss=loss, loss_bits=bits)
+            result = cls(**common, weights_digest=_match(fields, "weights_digest", _HEX64), loss=loss, loss_bits=bits,
+                         weights_key=_match(fields, "weights_key", _WEIGHTS_KEY))
         _reject_extra(fields, cls)
         return result
+
+
+def signed_payload(message: dict) -> dict:
+    """Return the part of a message that its signature covers: everything but the signature."""
+    return {key: value for key, value in message.items() if key != "signature"}
+
+
+def _environment(fields: dict) -> dict:
+    value = _dict(fields, "environment")
+    if len(value) > 32 or not all(
+        isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) and len(str(v)) <= 200
+        for k, v in value.items()
+    ):
+        raise ProtocolError("invalid environment: expected at most 32 short string or integer values")
+    return value
 
 
 def _fields(message: object, kind: str) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 import time
 
 import redis
@@ -11,9 +12,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from config.settings import SettingsError, TrainingSettings, data_root_from_env, store_url_from_env
+from protocol.crypto import CryptoError, seal
+from protocol.envelope import WEIGHTS_CONTEXT, seal_result, sign_result, verify_job
 from protocol.messages import TASK_NAME, Job, ProtocolError, Result, loss_bits
 from protocol.store import RedisWeightStore, StoreError, base_weights_key, replica_weights_key
 from tasks.app import app
+from tasks.identity import IdentityError, numerical_environment, orchestrator_keys, worker_key
 
 logger = get_task_logger(__name__)
 
@@ -52,7 +56,9 @@ def _segment(root: str, dataset: str, subset: int, segments: int, segment: int):
 
 
 def _reply(job: Job, result: Result) -> None:
-    _redis().rpush(job.reply_to, json.dumps(result.to_message()))
+    """Sign `result`, seal it to the orchestrator and push it to the job's reply list."""
+    sealed = seal_result(sign_result(result, worker_key()), orchestrator_keys().sealing)
+    _redis().rpush(job.reply_to, json.dumps(sealed))
 
 
 def _train(job: Job, worker: str, started: float) -> Result:
@@ -72,7 +78,9 @@ def _train(job: Job, worker: str, started: float) -> Result:
     base = decode_verified(_store().get(base_weights_key(job.base_digest)), job.base_digest, model_spec())
     new_state, loss = train_segment(base, images, settings, seed=job_seed(settings.seed, job.epoch, job.segment))
     weights_digest = state_dict_digest(new_state)
-    _store().put(replica_weights_key(job.assignment_id), encode(new_state))
+    # A random key and a sealed blob: no other worker can find or read these weights.
+    weights_key = replica_weights_key(secrets.token_hex(16))
+    _store().put(weights_key, seal(orchestrator_keys().sealing, encode(new_state), WEIGHTS_CONTEXT))
     return Result(
         run_id=job.run_id,
         epoch=job.epoch,
@@ -85,6 +93,8 @@ def _train(job: Job, worker: str, started: float) -> Result:
         loss=loss,
         loss_bits=loss_bits(loss),
         seconds=time.monotonic() - started,
+        weights_key=weights_key,
+        environment=numerical_environment(settings.threads),
     )
 
 
@@ -93,6 +103,10 @@ def _parse(message: object, worker: str) -> Job:
         job = Job.from_message(message)
     except ProtocolError as error:
         raise JobRejected(f"malformed job: {error}") from None
+    try:
+        verify_job(job, orchestrator_keys().signing)
+    except CryptoError as error:
+        raise JobRejected(f"invalid signature on job {job.assignment_id}: {error}") from None
     if job.worker != worker:
         raise JobRejected(f"job {job.assignment_id} is assigned to {job.worker}, not to {worker}")
     if not job.reply_to.startswith(RESULTS_PREFIX):
@@ -110,9 +124,9 @@ def train_segment_job(self, message: dict) -> dict:
     worker = self.request.hostname
     try:
         job = _parse(message, worker)
-    except JobRejected as error:
+    except (JobRejected, IdentityError) as error:
         logger.warning("rejected job %s: %s", self.request.id, error)
-        raise
+        raise JobRejected(str(error)) from None
     logger.info(
         "job started: run %s epoch %d segment %d assignment %s base %s",
         job.run_id, job.epoch, job.segment, job.assignment_id, job.base_digest[:12],
@@ -145,4 +159,5 @@ def train_segment_job(self, message: dict) -> dict:
         "job done: assignment %s segment %d weights %s loss %.6f in %.2f s",
         job.assignment_id, job.segment, result.weights_digest[:12], result.loss, result.seconds,
     )
-    return result.to_message()
+    # The digest and loss travel sealed; the task result (visible in Flower and Redis) names neither.
+    return {"assignment_id": job.assignment_id, "status": "sent"}

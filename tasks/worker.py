@@ -19,6 +19,7 @@ from config.settings import DATASETS, data_root_from_env, store_url_from_env
 from protocol.heartbeat import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, heartbeat_key
 from protocol.messages import worker_queue
 from tasks.app import app
+from tasks.identity import orchestrator_keys, worker_public_key
 
 logger = get_logger(__name__)
 
@@ -67,6 +68,11 @@ class Heartbeat(bootsteps.StartStopStep):
         self.started_at = time.time()
 
     def start(self, parent) -> None:
+        # A worker without its key or the orchestrator's public keys could do nothing useful.
+        self.public_key = worker_public_key()
+        orchestrator_keys()
+        logger.info("worker %s has public key %s; the operator enrolls it with: orchestrator workers enroll "
+                    "%s %s --owner OWNER", parent.hostname, self.public_key, parent.hostname, self.public_key)
         self.client = redis.Redis.from_url(store_url_from_env(), socket_timeout=5)
         self.claim_name(parent.hostname)
         root = data_root_from_env()
@@ -110,6 +116,7 @@ class Heartbeat(bootsteps.StartStopStep):
         active = sorted(request.id for request in worker_state.active_requests)
         record = {
             "worker": parent.hostname,
+            "public_key": self.public_key,
             "instance": self.instance,
             "host": socket.gethostname(),
             "pid": os.getpid(),

@@ -31,9 +31,9 @@ def attacked_client(attacked_farm) -> FarmClient:
 
 
 @pytest.fixture(scope="module")
-def honest_digest(attacked_client, data_root, tmp_path_factory):
+def honest_digest(attacked_farm, attacked_client, data_root, tmp_path_factory):
     attacked_client.redis.set(ATTACK_MODE_KEY, "honest")
-    result = train(attacked_client, tmp_path_factory.mktemp("honest") / "run", data_root, epochs=1)
+    result = train(attacked_farm, attacked_client, tmp_path_factory.mktemp("honest") / "run", data_root, epochs=1)
     return result.final_digest
 
 
@@ -45,9 +45,9 @@ def honest_digest(attacked_client, data_root, tmp_path_factory):
         ("nan", "tensor decoder.4.weight contains NaN or infinite values"),
     ],
 )
-def test_bad_result_rejected(mode, reason, attacked_client, data_root, tmp_path, honest_digest):
+def test_bad_result_rejected(mode, reason, attacked_farm, attacked_client, data_root, tmp_path, honest_digest):
     attacked_client.redis.set(ATTACK_MODE_KEY, mode)
-    result = train(attacked_client, tmp_path / mode, data_root, epochs=1)
+    result = train(attacked_farm, attacked_client, tmp_path / mode, data_root, epochs=1)
 
     record = result.metrics[0]
     rejected = [entry for entry in record["rejected"] if entry["worker"].startswith("mallory@")]
@@ -59,9 +59,9 @@ def test_bad_result_rejected(mode, reason, attacked_client, data_root, tmp_path,
     assert result.final_digest == honest_digest
 
 
-def test_unknown_job_result_rejected(attacked_client, data_root, tmp_path, honest_digest):
+def test_unknown_job_result_rejected(attacked_farm, attacked_client, data_root, tmp_path, honest_digest):
     attacked_client.redis.set(ATTACK_MODE_KEY, "unknown-job")
-    result = train(attacked_client, tmp_path / "unknown-job", data_root, epochs=1)
+    result = train(attacked_farm, attacked_client, tmp_path / "unknown-job", data_root, epochs=1)
 
     record = result.metrics[0]
     reasons = [entry["reason"] for entry in record["rejected"] if entry["worker"].startswith("mallory@")]
@@ -71,9 +71,9 @@ def test_unknown_job_result_rejected(attacked_client, data_root, tmp_path, hones
     assert result.final_digest == honest_digest
 
 
-def test_wrong_loss_outvoted(attacked_client, data_root, tmp_path, honest_digest):
+def test_wrong_loss_outvoted(attacked_farm, attacked_client, data_root, tmp_path, honest_digest):
     attacked_client.redis.set(ATTACK_MODE_KEY, "wrong-loss")
-    result = train(attacked_client, tmp_path / "wrong-loss", data_root, epochs=1)
+    result = train(attacked_farm, attacked_client, tmp_path / "wrong-loss", data_root, epochs=1)
 
     record = result.metrics[0]
     assert record["disagreements"] >= 1
@@ -83,9 +83,9 @@ def test_wrong_loss_outvoted(attacked_client, data_root, tmp_path, honest_digest
     assert result.final_digest == honest_digest
 
 
-def test_silent_replica_times_out_and_is_reissued(attacked_client, data_root, tmp_path, honest_digest):
+def test_silent_replica_times_out_and_is_reissued(attacked_farm, attacked_client, data_root, tmp_path, honest_digest):
     attacked_client.redis.set(ATTACK_MODE_KEY, "silent")
-    result = train(attacked_client, tmp_path / "silent", data_root, epochs=1, job_timeout=4.0)
+    result = train(attacked_farm, attacked_client, tmp_path / "silent", data_root, epochs=1, job_timeout=4.0)
 
     record = result.metrics[0]
     timed_out = [entry for entry in record["failed"] if entry["worker"].startswith("mallory@")]
@@ -95,10 +95,10 @@ def test_silent_replica_times_out_and_is_reissued(attacked_client, data_root, tm
     assert result.final_digest == honest_digest
 
 
-def test_no_quorum_names_segment_and_digests(attacked_client, data_root, tmp_path, honest_digest):
+def test_no_quorum_names_segment_and_digests(attacked_farm, attacked_client, data_root, tmp_path, honest_digest):
     attacked_client.redis.set(ATTACK_MODE_KEY, "wrong-loss")
     with pytest.raises(QuorumError) as caught:
-        train(attacked_client, tmp_path / "no-quorum", data_root, epochs=1, max_reissues=0)
+        train(attacked_farm, attacked_client, tmp_path / "no-quorum", data_root, epochs=1, max_reissues=0)
 
     message = caught.value.message
     assert "cannot reach a quorum of 2: the re-issue limit (0) is reached" in message

@@ -20,12 +20,12 @@ from orchestrator.local import PROJECT_ROOT
 from protocol.heartbeat import read_heartbeats
 from protocol.messages import Job, Result
 from protocol.store import base_weights_key
-from tests.farmrun import train
+from tests.farmrun import send_signed_job, train
 
 
 @pytest.fixture(scope="module")
-def honest_run(client, data_root, tmp_path_factory):
-    return train(client, tmp_path_factory.mktemp("run") / "first", data_root)
+def honest_run(farm, client, data_root, tmp_path_factory):
+    return train(farm, client, tmp_path_factory.mktemp("run") / "first", data_root)
 
 
 def test_every_segment_accepted(honest_run):
@@ -57,35 +57,37 @@ def test_run_directory_complete(honest_run):
     assert state["final_digest"] == honest_run.final_digest
 
 
-def test_identical_runs_same_final_digest(honest_run, client, data_root, tmp_path):
-    again = train(client, tmp_path / "second", data_root)
+def test_identical_runs_same_final_digest(honest_run, farm, client, data_root, tmp_path):
+    again = train(farm, client, tmp_path / "second", data_root)
     assert again.final_digest == honest_run.final_digest
     assert again.run_id != honest_run.run_id
 
 
 def test_workers_command_lists_live_workers(farm, honest_run):
-    result = CliRunner().invoke(main, ["workers", "list", "--broker-url", farm.broker_url])
+    result = CliRunner().invoke(main, ["workers", "list", "--broker-url", farm.broker_url,
+                                       "--state-dir", str(farm.state_dir)])
     assert result.exit_code == 0
     for node in farm.workers:
         assert node in result.output
-    assert result.output.count(" ok ") == 3
+    assert result.output.count(" enrolled ") == 3
 
 
 def test_workers_json_lists_heartbeats(farm, honest_run):
-    result = CliRunner().invoke(main, ["workers", "--json", "--broker-url", farm.broker_url])
+    result = CliRunner().invoke(main, ["workers", "--json", "--broker-url", farm.broker_url,
+                                       "--state-dir", str(farm.state_dir)])
     assert result.exit_code == 0
     assert sorted(json.loads(result.output)) == sorted(farm.workers)
 
 
-def test_too_few_workers_stops_run(client, data_root, tmp_path):
+def test_too_few_workers_stops_run(farm, client, data_root, tmp_path):
     from orchestrator.errors import StaffingError
 
     with pytest.raises(StaffingError) as caught:
-        train(client, tmp_path / "short", data_root, replicas=4, quorum=2, worker_wait=1.0)
-    assert "need 4 live workers with mnist for the replicas, found 3" in caught.value.message
+        train(farm, client, tmp_path / "short", data_root, replicas=4, quorum=2, worker_wait=1.0)
+    assert "need live workers of 4 distinct owners with mnist for the replicas, found 3" in caught.value.message
     state = json.loads((tmp_path / "short" / "state.json").read_text())
     assert state["state"] == "failed"
-    assert "need 4 live workers" in state["error"]
+    assert "need live workers of 4 distinct owners" in state["error"]
 
 
 def test_status_command_shows_run(farm, honest_run):
@@ -110,14 +112,10 @@ def test_worker_refuses_dataset_mismatch(client, farm):
     state = initial_state_dict(0)
     digest = state_dict_digest(state)
     client.store.put(base_weights_key(digest), encode(state))
-    job = Job(run_id="mismatch", epoch=1, segment=0, assignment_id="ab" * 16, worker=node,
-              base_digest=digest, data_digest="0" * 64, training=TrainingSettings(subset=2000).to_dict(),
-              reply_to="farm:results:mismatch", issued_at=time.time(), expires_at=time.time() + 60)
-    client.send(job, time_limit=60, expires_in=60)
-
-    reply = client.redis.blpop(["farm:results:mismatch"], timeout=25)
-    assert reply is not None
-    result = Result.from_message(json.loads(reply[1]))
+    result = send_signed_job(farm, client, run_id="mismatch", epoch=1, segment=0, assignment_id="ab" * 16,
+                             worker=node, base_digest=digest, data_digest="0" * 64,
+                             training=TrainingSettings(subset=2000).to_dict())
+    assert result is not None
     assert result.status == "error"
     assert result.error.startswith("dataset mismatch: mnist segment 0/2 hashes to")
     assert result.weights_digest == ""
@@ -165,7 +163,8 @@ def test_duplicate_worker_name_refused(farm):
     taken = sorted(farm.workers)[0]
     second = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", taken, "--without-mingle"],
-        cwd=PROJECT_ROOT, env=farm.environment(), capture_output=True, text=True, timeout=90,
+        cwd=PROJECT_ROOT, env=farm.environment(farm.worker_key("impostor")), capture_output=True, text=True,
+        timeout=90,
     )
     assert second.returncode != 0
     assert f"another live worker is named '{taken}'" in second.stdout + second.stderr
@@ -200,14 +199,19 @@ def test_soft_time_limit_reported(client, farm, data_root):
     digest = state_dict_digest(state)
     client.store.put(base_weights_key(digest), encode(state))
     segment = segment_images(load_images(str(data_root), "mnist", train=True), 2, 0)
-    job = Job(run_id="slow", epoch=1, segment=0, assignment_id="ef" * 16, worker=node,
-              base_digest=digest, data_digest=data_digest("mnist", 2, 0, segment),
-              training=TrainingSettings().to_dict(), reply_to="farm:results:slow",
-              issued_at=time.time(), expires_at=time.time() + 60)
-    client.send(job, time_limit=0.2, expires_in=60)  # one full segment pass takes over a second
-
-    reply = client.redis.blpop(["farm:results:slow"], timeout=60)
-    assert reply is not None
-    result = Result.from_message(json.loads(reply[1]))
+    result = send_signed_job(farm, client, time_limit=0.2,  # one full segment pass takes over a second
+                             run_id="slow", epoch=1, segment=0, assignment_id="ef" * 16, worker=node,
+                             base_digest=digest, data_digest=data_digest("mnist", 2, 0, segment),
+                             training=TrainingSettings().to_dict())
+    assert result is not None
     assert result.status == "error"
     assert result.error == "timed out: soft time limit reached"
+
+
+def test_worker_without_key_refuses_to_start(farm):
+    started = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", "keyless@%h", "--without-mingle"],
+        cwd=PROJECT_ROOT, env=farm.environment(), capture_output=True, text=True, timeout=90,
+    )
+    assert started.returncode != 0
+    assert "FARM_WORKER_KEY is not set: create a key with `orchestrator keygen PATH`" in started.stderr

@@ -9,18 +9,21 @@ from config.settings import TrainingSettings
 from protocol.messages import Job, ProtocolError, Result, loss_bits
 
 DIGEST = "ab" * 32
+SIGNATURE = "A" * 86 + "=="  # well-formed; tests of real signatures live in test_crypto.py
 
 
 def make_result(**changes) -> dict:
     result = Result(run_id="run1", epoch=1, segment=0, assignment_id="cd" * 16, worker="w1@host",
-                    base_digest=DIGEST, status="ok", weights_digest=DIGEST, loss=0.25, loss_bits=loss_bits(0.25))
+                    base_digest=DIGEST, status="ok", weights_digest=DIGEST, loss=0.25, loss_bits=loss_bits(0.25),
+                    weights_key="farm:replica-weights:" + "12" * 16, environment={"torch": "2.14.1", "threads": 1},
+                    signature=SIGNATURE)
     return result.to_message() | changes
 
 
 def test_job_round_trip():
     job = Job(run_id="run1", epoch=2, segment=1, assignment_id="ef" * 16, worker="w1@host", base_digest=DIGEST,
               data_digest=DIGEST, training=TrainingSettings().to_dict(), reply_to="farm:results:run1",
-              issued_at=1.0, expires_at=2.0)
+              issued_at=1.0, expires_at=2.0, signature=SIGNATURE)
     assert Job.from_message(json.loads(json.dumps(job.to_message()))) == job
 
 
@@ -47,6 +50,9 @@ def test_loss_bits_are_exact():
         ({"status": "maybe"}, "invalid status 'maybe'"),
         ({"extra": 1}, r"unexpected fields \['extra'\]"),
         ({"worker": "a b"}, "invalid worker 'a b'"),
+        ({"weights_key": "farm:weights:" + "ab" * 32}, "invalid weights_key"),
+        ({"signature": "short"}, "invalid signature 'short'"),
+        ({"environment": {"torch": ["list"]}}, "invalid environment"),
     ],
 )
 def test_malformed_result_rejected(changes, message):
