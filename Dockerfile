@@ -20,8 +20,8 @@ RUN pip install --no-deps -e .
 # The mount points exist in the image, owned by the runtime user, so that a fresh named volume
 # mounted there inherits that owner and the non-root processes can write to it.
 RUN useradd --create-home --uid 1000 --user-group farm \
-    && mkdir -p /data/datasets /runs \
-    && chown farm:farm /data/datasets /runs
+    && mkdir -p /data/datasets /runs /orchestrator-state /orchestrator-public \
+    && chown farm:farm /data/datasets /runs /orchestrator-state /orchestrator-public
 
 # /app is not writable by farm, so the CLI's default run directory, runs/RUN_ID, goes to /runs.
 RUN ln -s /runs /app/runs

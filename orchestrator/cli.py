@@ -454,8 +454,12 @@ def revoke_worker(name: str, state_dir: Path) -> None:
 
 @main.command()
 @state_dir_option
-def init(state_dir: Path) -> None:
-    """Create the orchestrator's key pair and an empty worker registry in the state directory."""
+@click.option("--public-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy the public key file into this directory, for example a volume workers mount.")
+def init(state_dir: Path, public_dir: Path | None) -> None:
+    """Create the orchestrator's key pair in the state directory; workers need its public file."""
+    import shutil
+
     from orchestrator.identity import OrchestratorIdentity
     from protocol.crypto import CryptoError
 
@@ -464,7 +468,11 @@ def init(state_dir: Path) -> None:
     except CryptoError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"created the orchestrator key in {state_dir}")
-    click.echo(f"copy {identity.public_file} to every worker and set FARM_ORCHESTRATOR_KEY to its path")
+    public_file = identity.public_file
+    if public_dir is not None:
+        public_dir.mkdir(parents=True, exist_ok=True)
+        public_file = Path(shutil.copy(identity.public_file, public_dir))
+    click.echo(f"copy {public_file} to every worker and set FARM_ORCHESTRATOR_KEY to its path")
 
 
 @main.command()

@@ -18,6 +18,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 SERVICES = ("redis", "worker", "flower", "orchestrator")
+REDIS_PASSWORD = "test-redis-password"
+FLOWER_AUTH = "operator:test-flower-password"
 
 COMPOSE = shutil.which("docker-compose")
 pytestmark = pytest.mark.skipif(
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.skipif(
 def _compose(*args: str) -> subprocess.CompletedProcess:
     # Variables a developer may have exported would hide whether the file's own defaults work.
     env = {key: value for key, value in os.environ.items() if key not in ("FARM_DATASETS", "FARM_RUN_NAME")}
+    env.update(FARM_REDIS_PASSWORD=REDIS_PASSWORD, FLOWER_BASIC_AUTH=FLOWER_AUTH)
     return subprocess.run(
         [COMPOSE, "-f", str(COMPOSE_FILE), *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
@@ -187,7 +190,7 @@ def test_redis_keeps_data_in_a_volume(config: dict) -> None:
 
 
 def test_redis_has_healthcheck(config: dict) -> None:
-    assert "redis-cli" in config["services"]["redis"]["healthcheck"]["test"]
+    assert "redis-cli" in " ".join(config["services"]["redis"]["healthcheck"]["test"])
 
 
 def test_redis_is_not_published_beyond_loopback(config: dict) -> None:
@@ -215,10 +218,6 @@ def test_worker_mounts_datasets_read_only(config: dict) -> None:
 
 def test_worker_reads_the_mounted_datasets(config: dict) -> None:
     assert config["services"]["worker"]["environment"]["FARM_DATA_ROOT"] == "/data/datasets"
-
-
-def test_worker_uses_the_compose_broker(config: dict) -> None:
-    assert config["services"]["worker"]["environment"]["FARM_BROKER_URL"] == "redis://redis:6379/0"
 
 
 def test_worker_waits_for_healthy_redis(config: dict) -> None:
@@ -261,3 +260,35 @@ def test_parser_reads_compose_v1_output() -> None:
         },
         "volumes": {"v": {}},
     }
+
+
+def test_redis_requires_password(config: dict) -> None:
+    assert _has_pair(_command(config["services"]["redis"]), "--requirepass", REDIS_PASSWORD)
+
+
+@pytest.mark.parametrize("name", ["worker", "flower", "orchestrator"])
+def test_services_use_redis_password(config: dict, name: str) -> None:
+    assert config["services"][name]["environment"]["FARM_BROKER_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
+
+
+def test_flower_requires_basic_auth(config: dict) -> None:
+    assert f"--basic-auth={FLOWER_AUTH}" in _command(config["services"]["flower"])
+
+
+def test_worker_reads_orchestrator_key_read_only(config: dict) -> None:
+    volumes = _volumes_at(config["services"]["worker"], "/orchestrator-public")
+    assert volumes
+    assert _volume_is_read_only(volumes[0])
+
+
+def test_worker_never_mounts_orchestrator_state(config: dict) -> None:
+    assert not _volumes_at(config["services"]["worker"], "/orchestrator-state")
+
+
+def test_config_fails_without_secrets() -> None:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("FARM_REDIS_PASSWORD", "FLOWER_BASIC_AUTH")}
+    result = subprocess.run([COMPOSE, "-f", str(COMPOSE_FILE), "config"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "set FARM_REDIS_PASSWORD" in result.stderr
