@@ -453,6 +453,29 @@ def revoke_worker(name: str, state_dir: Path) -> None:
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@state_dir_option
+def audit(run_dir: Path, state_dir: Path) -> None:
+    """Verify RUN_DIR's ledger: hash chain, orchestrator signatures, every vote; report the first break."""
+    from orchestrator.identity import PUBLIC_FILE
+    from orchestrator.ledger import audit as audit_ledger
+    from protocol.crypto import parse_public_key
+
+    try:
+        public = json.loads((state_dir / PUBLIC_FILE).read_text())
+        key = parse_public_key(public["signing_key"])
+    except (OSError, ValueError, KeyError) as error:
+        raise click.ClickException(f"cannot load the orchestrator's public key from {state_dir / PUBLIC_FILE}: "
+                                   f"{error}; pass --state-dir") from None
+    report = audit_ledger(run_dir, key)
+    if not report.ok:
+        raise click.ClickException(f"ledger of {run_dir} is broken: {report.error} "
+                                   f"({report.entries} entries before it verified)")
+    click.echo(f"ledger of {run_dir} verified: {report.entries} entries, {report.epochs} epochs, "
+               f"final digest {report.final_digest}")
+
+
+@main.command()
 @state_dir_option
 @click.option("--public-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also copy the public key file into this directory, for example a volume workers mount.")

@@ -18,6 +18,7 @@ from orchestrator.errors import QuorumError, StaffingError
 from orchestrator.progress import Progress
 from orchestrator.quorum import FAILED, LOST, REJECTED, TIMED_OUT, Replica, SegmentVote
 from orchestrator.identity import OrchestratorIdentity
+from orchestrator.ledger import Ledger
 from orchestrator.registry import Enrollment, Registry
 from orchestrator.verify import EpochContext, Rejection, WeightsVerifier, check_binding
 from protocol.crypto import CryptoError, parse_public_key
@@ -121,10 +122,12 @@ class EpochRunner:
         verifier: WeightsVerifier,
         identity: OrchestratorIdentity,
         registry: Registry,
+        ledger: Ledger,
         on_change: Callable[[int, dict[int, SegmentVote]], None] = lambda epoch, votes: None,
     ) -> None:
         self.identity = identity
         self.registry = registry
+        self.ledger = ledger
         self.client = client
         self.run_id = run_id
         self.training = training
@@ -181,6 +184,12 @@ class EpochRunner:
 
         eligible = wait_for_workers(self.client, self.registry, dataset=self.training.dataset,
                                     owners=self.farm.replicas, timeout=self.farm.worker_wait)
+        # The keys that count this epoch; the ledger records them so that an audit can check each vote.
+        self._enrolled = {name: e for name, e in self.registry.load().items() if not e.revoked}
+        self.ledger.append("epoch_started", {
+            "epoch": epoch, "base_digest": base_digest,
+            "workers": {name: {"public_key": e.public_key, "owner": e.owner} for name, e in self._enrolled.items()},
+        })
         for vote in self._votes.values():
             self._issue(vote, self.farm.replicas, epoch=epoch, base_digest=base_digest, eligible=eligible)
         self.on_change(epoch, self._votes)
@@ -210,6 +219,7 @@ class EpochRunner:
         self.client.revoke([r.assignment_id for vote in self._votes.values() for r in vote.pending()])
         self._record_standing(context.epoch)
         outcome = self._outcome(self._reissues)
+        self._record_decisions()
         self.client.store.delete([r.weights_key for vote in self._votes.values() for r in vote.replicas.values()
                                   if r.weights_key])
         return outcome
@@ -262,12 +272,24 @@ class EpochRunner:
                 if self.registry.add_strike(replica.worker, reason):
                     logger.warning("worker %s quarantined after %d strikes", replica.worker, self.registry.max_strikes)
 
+    def _record_decisions(self) -> None:
+        """Append each accepted segment with its voters' signed results to the ledger."""
+        for vote in self._votes.values():
+            digest, bits = vote.decision
+            voters = [r for r in vote.replicas.values() if (r.weights_digest, r.loss_bits) == (digest, bits)]
+            self.ledger.append("segment_accepted", {
+                "segment": vote.segment, "weights_digest": digest, "loss_bits": bits, "loss": voters[0].loss,
+                "voters": [{"worker": r.worker, "owner": r.owner, "public_key": self._enrolled[r.worker].public_key,
+                            "result": r.signed_result} for r in voters],
+            })
+
     def _authenticate(self, result: Result) -> None:
         """Raise Rejection unless an enrolled, unrevoked worker signed `result` with its enrolled key."""
-        enrollment = self.registry.load().get(result.worker)
-        if enrollment is None:
+        enrollment = self._enrolled.get(result.worker)
+        current = self.registry.load().get(result.worker)
+        if enrollment is None or current is None:
             raise Rejection(f"worker {result.worker} is not enrolled")
-        if enrollment.revoked:
+        if current.revoked:
             raise Rejection(f"worker {result.worker} is revoked")
         try:
             verify_result(result, parse_public_key(enrollment.public_key))
@@ -277,6 +299,8 @@ class EpochRunner:
     def _reject(self, assignment_id: str, worker: str, segment: int | None, reason: str) -> None:
         logger.warning("rejected result: assignment %s worker %s segment %s: %s", assignment_id, worker, segment, reason)
         self._rejected.append(RejectedResult(assignment_id, worker, segment, reason))
+        self.ledger.append("result_rejected", {"epoch": self._context.epoch, "segment": segment,
+                                               "assignment_id": assignment_id, "worker": worker, "reason": reason})
 
     def _fail(self, vote: SegmentVote, replica: Replica, status: str, reason: str, progress: Progress) -> None:
         logger.warning(
@@ -285,6 +309,9 @@ class EpochRunner:
         )
         vote.record_failure(replica.assignment_id, status, reason)
         self._failed.append(RejectedResult(replica.assignment_id, replica.worker, vote.segment, reason))
+        self.ledger.append("replica_failed", {"epoch": self._context.epoch, "segment": vote.segment, "status": status,
+                                              "assignment_id": replica.assignment_id, "worker": replica.worker,
+                                              "reason": reason})
         progress.advance()
 
     def _expire_overdue(self, now: float, progress: Progress) -> bool:

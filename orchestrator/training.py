@@ -21,6 +21,8 @@ from model.weights import encode, model_spec, state_dict_digest
 from orchestrator.client import FarmClient
 from orchestrator.epoch import EpochOutcome, EpochRunner
 from orchestrator.identity import OrchestratorIdentity
+from orchestrator.ledger import Ledger
+from protocol.crypto import public_key_text
 from orchestrator.registry import Registry
 from orchestrator.progress import Progress
 from orchestrator.plots import plot_losses, plot_reconstructions
@@ -119,6 +121,12 @@ def run_training(
     })
     client.store.put(base_weights_key(base_digest), encode(state))
     directory.save_epoch_weights(0, state)
+    ledger = Ledger(directory.path, identity.signing)
+    ledger.append("run_started", {
+        "run_id": run_id, "segments": training.segments, "replicas": farm.replicas, "quorum": farm.quorum,
+        "training": training.to_dict(), "initial_digest": base_digest, "data_digests": data_digests,
+        "orchestrator_key": public_key_text(identity.signing),
+    })
     logger.info("run %s: %d epoch(s), %d segments x %d replicas, quorum %d, initial weights %s (test loss %.5f), "
                 "run directory %s", run_id, epochs, training.segments, farm.replicas, farm.quorum,
                 base_digest[:12], initial_test_loss, run_dir)
@@ -140,7 +148,7 @@ def run_training(
     runner = EpochRunner(client=client, run_id=run_id, training=training, farm=farm,
                          data_digests=data_digests,
                          verifier=WeightsVerifier(client.store, model_spec(), sealing=identity.sealing),
-                         identity=identity, registry=registry, on_change=publish)
+                         identity=identity, registry=registry, ledger=ledger, on_change=publish)
     try:
         epoch_started = time.monotonic()
         runner.start_epoch(1, base_digest)
@@ -157,6 +165,8 @@ def run_training(
             client.store.put(base_weights_key(base_digest), encode(state))
             runner.verifier.clear()
             directory.save_epoch_weights(epoch, state)
+            ledger.append("epoch_aggregated", {"epoch": epoch, "weights_digest": base_digest,
+                                               "segment_digests": [outcome.accepted[k][0] for k in range(training.segments)]})
 
             # Start the next epoch before evaluating this one, so the workers do not wait for the evaluation.
             next_started = time.monotonic()
@@ -185,6 +195,7 @@ def run_training(
     plot_losses(metrics, directory.path / "loss.png", initial_test_loss=initial_test_loss)
     samples = test_images[:RECONSTRUCTION_SAMPLES]
     plot_reconstructions(to_inputs(samples), reconstruct(state, samples), directory.path / "reconstructions.png")
+    ledger.append("run_finished", {"final_digest": base_digest, "epochs": epochs})
     status.update(state="finished", final_digest=base_digest, updated_at=time.time())
     directory.write_state(status)
     client.publish_status(status)

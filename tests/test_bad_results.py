@@ -12,6 +12,9 @@ import pytest
 from orchestrator.client import FarmClient
 from orchestrator.errors import QuorumError
 from orchestrator.local import LocalFarm
+from orchestrator.identity import PUBLIC_FILE
+from orchestrator.ledger import audit
+from protocol.crypto import parse_public_key
 from tests.attackers.worker import ATTACK_MODE_KEY
 from tests.farmrun import train
 
@@ -37,6 +40,14 @@ def honest_digest(attacked_farm, attacked_client, data_root, tmp_path_factory):
     return result.final_digest
 
 
+def assert_ledger_intact(farm, run_dir) -> None:
+    import json
+
+    key = parse_public_key(json.loads((farm.state_dir / PUBLIC_FILE).read_text())["signing_key"])
+    report = audit(run_dir, key)
+    assert report.ok, report.error
+
+
 @pytest.mark.parametrize(
     ("mode", "reason"),
     [
@@ -48,6 +59,10 @@ def honest_digest(attacked_farm, attacked_client, data_root, tmp_path_factory):
 def test_bad_result_rejected(mode, reason, attacked_farm, attacked_client, data_root, tmp_path, honest_digest):
     attacked_client.redis.set(ATTACK_MODE_KEY, mode)
     result = train(attacked_farm, attacked_client, tmp_path / mode, data_root, epochs=1)
+    assert_ledger_intact(attacked_farm, result.run_dir)
+    ledger = (result.run_dir / "ledger.jsonl").read_text()
+    assert '"result_rejected"' in ledger
+    assert reason.split(",")[0] in ledger
 
     record = result.metrics[0]
     rejected = [entry for entry in record["rejected"] if entry["worker"].startswith("mallory@")]

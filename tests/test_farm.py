@@ -215,3 +215,68 @@ def test_worker_without_key_refuses_to_start(farm):
     )
     assert started.returncode != 0
     assert "FARM_WORKER_KEY is not set: create a key with `orchestrator keygen PATH`" in started.stderr
+
+
+def audit_output(run_dir, state_dir):
+    return CliRunner().invoke(main, ["audit", str(run_dir), "--state-dir", str(state_dir)])
+
+
+def test_audit_passes_on_run_ledger(farm, honest_run):
+    result = audit_output(honest_run.run_dir, farm.state_dir)
+    assert result.exit_code == 0, result.output
+    assert f"final digest {honest_run.final_digest}" in result.output
+
+
+def tampered_copy(run_dir, tmp_path, change):
+    import shutil
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(run_dir, copy)
+    lines = (copy / "ledger.jsonl").read_text().splitlines()
+    change(lines)
+    (copy / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    return copy
+
+
+def test_audit_detects_changed_entry(farm, honest_run, tmp_path):
+    def change(lines):
+        index = next(i for i, line in enumerate(lines) if '"segment_accepted"' in line)
+        entry = json.loads(lines[index])
+        entry["data"]["loss"] = 0.001
+        lines[index] = json.dumps(entry, sort_keys=True)
+
+    result = audit_output(tampered_copy(honest_run.run_dir, tmp_path, change), farm.state_dir)
+    assert result.exit_code == 1
+    assert "content does not match its hash" in result.output
+
+
+def test_audit_detects_removed_entry(farm, honest_run, tmp_path):
+    result = audit_output(tampered_copy(honest_run.run_dir, tmp_path, lambda lines: lines.pop(2)), farm.state_dir)
+    assert result.exit_code == 1
+    assert "entry 2: sequence number 3, expected 2" in result.output
+
+
+def test_audit_detects_rehashed_forgery(farm, honest_run, tmp_path):
+    from orchestrator.ledger import entry_hash
+
+    def change(lines):
+        # Rewrite the last entry and fix its hash: only the orchestrator's signature can tell.
+        entry = json.loads(lines[-1])
+        entry["data"]["final_digest"] = "0" * 64
+        entry["hash"] = entry_hash(entry)
+        lines[-1] = json.dumps(entry, sort_keys=True)
+
+    result = audit_output(tampered_copy(honest_run.run_dir, tmp_path, change), farm.state_dir)
+    assert result.exit_code == 1
+    assert "orchestrator signature invalid" in result.output
+
+
+def test_audit_detects_swapped_weights_file(farm, honest_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "swapped"
+    shutil.copytree(honest_run.run_dir, copy)
+    shutil.copy(copy / "weights" / "epoch-0001.safetensors", copy / "weights" / "epoch-0002.safetensors")
+    result = audit_output(copy, farm.state_dir)
+    assert result.exit_code == 1
+    assert "epoch-0002.safetensors does not hash to the recorded digest" in result.output

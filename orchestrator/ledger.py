@@ -1,0 +1,149 @@
+"""The run's append-only, hash-chained ledger, and its audit.
+
+Each line of RUN_DIR/ledger.jsonl is one entry:
+
+    {"seq": n, "prev": <hash of entry n-1>, "kind": ..., "time": ..., "data": {...},
+     "hash": sha256(canonical entry without hash and signature), "signature": <orchestrator Ed25519>}
+
+Changing, removing or reordering any entry breaks the chain or a signature. Accepted segments
+carry every voter's signed result and public key, so the audit re-checks each vote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocol.crypto import CryptoError, canonical, parse_public_key, sign, verify
+from protocol.envelope import verify_result
+from protocol.messages import ProtocolError, Result
+
+LEDGER_FILE = "ledger.jsonl"
+LEDGER_DOMAIN = "farm.ledger.v1"
+GENESIS = "0" * 64
+
+
+def entry_hash(entry: dict) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in entry.items() if k not in ("hash", "signature")})).hexdigest()
+
+
+class Ledger:
+    """Append signed, hash-chained entries to RUN_DIR/ledger.jsonl, each flushed to disk."""
+
+    def __init__(self, run_dir: Path, key: Ed25519PrivateKey) -> None:
+        self.path = Path(run_dir) / LEDGER_FILE
+        self.key = key
+        self.seq = 0
+        self.prev = GENESIS
+
+    def append(self, kind: str, data: dict) -> dict:
+        entry = {"seq": self.seq, "prev": self.prev, "kind": kind, "time": time.time(), "data": data}
+        entry["hash"] = entry_hash(entry)
+        entry["signature"] = sign(self.key, LEDGER_DOMAIN, {"hash": entry["hash"]})
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.seq += 1
+        self.prev = entry["hash"]
+        return entry
+
+
+@dataclass
+class AuditReport:
+    entries: int
+    epochs: int
+    final_digest: str | None
+    error: str | None  # the first break, or None when the ledger is intact
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _Break(Exception):
+    pass
+
+
+def audit(run_dir: Path, orchestrator_key: Ed25519PublicKey) -> AuditReport:
+    """Verify the chain, the orchestrator's signature on every entry and every voter's signed result."""
+    path = Path(run_dir) / LEDGER_FILE
+    state = {"entries": 0, "epochs": 0, "final": None, "quorum": None, "base": None, "epoch": None, "keys": {}}
+    try:
+        if not path.exists():
+            raise _Break(f"{path} does not exist")
+        prev = GENESIS
+        for number, line in enumerate(path.read_text().splitlines()):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                raise _Break(f"entry {number}: not valid JSON") from None
+            _check_chain(entry, number, prev, orchestrator_key)
+            _check_entry(entry, state, Path(run_dir))
+            prev = entry["hash"]
+            state["entries"] += 1
+        if state["entries"] == 0:
+            raise _Break("the ledger is empty")
+    except _Break as error:
+        return AuditReport(state["entries"], state["epochs"], state["final"], str(error))
+    return AuditReport(state["entries"], state["epochs"], state["final"], None)
+
+
+def _check_chain(entry: dict, number: int, prev: str, orchestrator_key: Ed25519PublicKey) -> None:
+    if not isinstance(entry, dict) or entry.get("seq") != number:
+        raise _Break(f"entry {number}: sequence number {entry.get('seq') if isinstance(entry, dict) else '?'}, "
+                     f"expected {number}")
+    if entry.get("prev") != prev:
+        raise _Break(f"entry {number}: does not link to the previous entry's hash")
+    if entry.get("hash") != entry_hash(entry):
+        raise _Break(f"entry {number}: content does not match its hash")
+    try:
+        verify(orchestrator_key, LEDGER_DOMAIN, {"hash": entry["hash"]}, entry.get("signature", ""))
+    except CryptoError as error:
+        raise _Break(f"entry {number}: orchestrator signature invalid: {error}") from None
+
+
+def _check_entry(entry: dict, state: dict, run_dir: Path) -> None:
+    kind, data, number = entry.get("kind"), entry.get("data", {}), entry["seq"]
+    if kind == "run_started":
+        state["quorum"] = data["quorum"]
+    elif kind == "epoch_started":
+        state["epoch"], state["base"], state["keys"] = data["epoch"], data["base_digest"], data["workers"]
+    elif kind == "segment_accepted":
+        _check_votes(data, state, number)
+    elif kind == "epoch_aggregated":
+        state["epochs"] += 1
+        weights = run_dir / "weights" / f"epoch-{data['epoch']:04d}.safetensors"
+        if weights.exists():
+            from model.weights import decode, model_spec, state_dict_digest
+
+            if state_dict_digest(decode(weights.read_bytes(), model_spec())) != data["weights_digest"]:
+                raise _Break(f"entry {number}: {weights.name} does not hash to the recorded digest")
+    elif kind == "run_finished":
+        state["final"] = data["final_digest"]
+
+
+def _check_votes(data: dict, state: dict, number: int) -> None:
+    owners = set()
+    for voter in data["voters"]:
+        enrolled = state["keys"].get(voter["worker"])
+        if enrolled is None or enrolled["public_key"] != voter["public_key"]:
+            raise _Break(f"entry {number}: voter {voter['worker']} was not enrolled with that key this epoch")
+        try:
+            result = Result.from_message(voter["result"])
+            verify_result(result, parse_public_key(voter["public_key"]))
+        except (ProtocolError, CryptoError, KeyError) as error:
+            raise _Break(f"entry {number}: vote of {voter['worker']} is invalid: {error}") from None
+        expected = (state["epoch"], data["segment"], state["base"], data["weights_digest"], data["loss_bits"])
+        actual = (result.epoch, result.segment, result.base_digest, result.weights_digest, result.loss_bits)
+        if result.worker != voter["worker"] or actual != expected:
+            raise _Break(f"entry {number}: vote of {voter['worker']} is for other weights, epoch or segment")
+        owners.add(enrolled["owner"])
+    if state["quorum"] is None or len(owners) < state["quorum"]:
+        raise _Break(f"entry {number}: {len(owners)} distinct owners voted, the quorum is {state['quorum']}")
