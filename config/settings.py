@@ -116,6 +116,8 @@ class FarmSettings:
     job_timeout: float = 600.0  # seconds a replica may take before it is re-issued elsewhere
     worker_wait: float = 60.0  # seconds to wait at start for enough live workers
     max_strikes: int = 3  # strikes (outvoted or rejected results) before a worker is quarantined
+    arbitrate: bool = True  # re-execute a job without a quorum in the orchestrator instead of stopping
+    spot_check: float = 0.0  # fraction of accepted segments the orchestrator re-executes to catch collusion
 
     def validate(self) -> FarmSettings:
         """Raise SettingsError for the first invalid field; return self when all are valid."""
@@ -123,6 +125,9 @@ class FarmSettings:
         _require_int("quorum", self.quorum, minimum=1)
         _require_int("max_reissues", self.max_reissues, minimum=0)
         _require_int("max_strikes", self.max_strikes, minimum=1)
+        if not _finite(self.spot_check) or not 0.0 <= self.spot_check <= 1.0:
+            raise SettingsError(f"invalid spot_check {self.spot_check!r}: use a fraction from 0 to 1",
+                                field="spot_check")
         if self.quorum > self.replicas:
             raise SettingsError(
                 f"invalid quorum {self.quorum}: it cannot exceed replicas ({self.replicas}); "

@@ -119,6 +119,10 @@ def training_options(command):
                      show_default=True, help="Seconds a replica may run before it is re-issued to another worker."),
         click.option("--max-strikes", type=click.IntRange(min=1), default=DEFAULTS_FARM.max_strikes,
                      show_default=True, help="Strikes (outvoted or invalid results) before a worker is quarantined."),
+        click.option("--arbitrate/--no-arbitrate", default=DEFAULTS_FARM.arbitrate, show_default=True,
+                     help="Re-execute a job that reaches no quorum in the orchestrator, instead of stopping."),
+        click.option("--spot-check", type=click.FloatRange(0, 1), default=DEFAULTS_FARM.spot_check,
+                     show_default=True, help="Fraction of accepted segments the orchestrator re-executes."),
         click.option("--worker-wait", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS_FARM.worker_wait,
                      show_default=True, help="Seconds to wait at start for R live workers."),
         click.option("--dataset", type=click.Choice(sorted(DATASETS)), default=DEFAULTS_TRAINING.dataset,
@@ -177,6 +181,7 @@ def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
         farm = FarmSettings(
             replicas=options["replicas"], quorum=options["quorum"], max_reissues=options["max_reissues"],
             job_timeout=options["job_timeout"], worker_wait=options["worker_wait"], max_strikes=options["max_strikes"],
+            arbitrate=options["arbitrate"], spot_check=options["spot_check"],
         ).validate()
     except SettingsError as error:
         option = OPTION_NAMES.get(error.field, f"--{(error.field or '').replace('_', '-')}")

@@ -54,6 +54,10 @@ class FarmClient:
         item = self.redis.blpop([key], timeout=max(0.01, min(timeout, 5.0)))
         return item[1] if item else None
 
+    def pop_reply_nowait(self, key: str) -> bytes | None:
+        """Return the next raw reply on `key` if one is waiting."""
+        return self.redis.lpop(key)
+
     def publish_status(self, status: dict) -> None:
         self.redis.set(CURRENT_RUN_KEY, json.dumps(status))
 

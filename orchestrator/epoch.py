@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import secrets
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from orchestrator.progress import Progress
 from orchestrator.quorum import FAILED, LOST, REJECTED, TIMED_OUT, Replica, SegmentVote
 from orchestrator.identity import OrchestratorIdentity
 from orchestrator.ledger import Ledger
+from orchestrator.referee import Referee
 from orchestrator.registry import Enrollment, Registry
 from orchestrator.verify import EpochContext, Rejection, WeightsVerifier, check_binding
 from protocol.crypto import CryptoError, parse_public_key
@@ -51,6 +53,8 @@ class EpochOutcome:
     reissues: int
     rejected: list[RejectedResult] = field(default_factory=list)
     failed: list[RejectedResult] = field(default_factory=list)
+    arbitrated: list[int] = field(default_factory=list)  # segments the orchestrator decided by re-execution
+    accepted_bits: dict[int, str] = field(default_factory=dict)  # segment -> loss bits of the decision
 
 
 def ineligibility(record: dict, enrollment: Enrollment | None, dataset: str) -> str | None:
@@ -123,11 +127,15 @@ class EpochRunner:
         identity: OrchestratorIdentity,
         registry: Registry,
         ledger: Ledger,
+        referee: Referee | None = None,
+        rng: random.Random | None = None,
         on_change: Callable[[int, dict[int, SegmentVote]], None] = lambda epoch, votes: None,
     ) -> None:
         self.identity = identity
         self.registry = registry
         self.ledger = ledger
+        self.referee = referee  # None: a segment without a quorum stops the run instead
+        self.rng = rng or random.SystemRandom()
         self.client = client
         self.run_id = run_id
         self.training = training
@@ -148,6 +156,7 @@ class EpochRunner:
         )
         workers = choose_workers(
             eligible, count=count, exclude_workers=vote.workers(), exclude_owners=vote.owners(), load=pending_load,
+            rng=self.rng,
         )
         now_wall, now = time.time(), time.monotonic()
         for worker in workers:
@@ -181,6 +190,7 @@ class EpochRunner:
         self._rejected: list[RejectedResult] = []
         self._failed: list[RejectedResult] = []
         self._reissues = Counter()
+        self._arbitrated_losses: dict[int, float] = {}
 
         eligible = wait_for_workers(self.client, self.registry, dataset=self.training.dataset,
                                     owners=self.farm.replicas, timeout=self.farm.worker_wait)
@@ -214,6 +224,10 @@ class EpochRunner:
             if changed:
                 self._reissue_where_short(context.epoch, context.base_digest, self._reissues, progress)
                 self.on_change(context.epoch, self._votes)
+
+        # Replies already waiting are late or redundant; record them with this epoch, not the next.
+        while (raw := self.client.pop_reply_nowait(self.reply_key)) is not None:
+            self._handle_reply(raw, context, progress)
 
         # Revoke replicas of decided segments, so their workers are free for the next epoch.
         self.client.revoke([r.assignment_id for vote in self._votes.values() for r in vote.pending()])
@@ -278,19 +292,23 @@ class EpochRunner:
             digest, bits = vote.decision
             voters = [r for r in vote.replicas.values() if (r.weights_digest, r.loss_bits) == (digest, bits)]
             self.ledger.append("segment_accepted", {
-                "segment": vote.segment, "weights_digest": digest, "loss_bits": bits, "loss": voters[0].loss,
+                "segment": vote.segment, "weights_digest": digest, "loss_bits": bits,
+                "loss": self._arbitrated_losses.get(vote.segment, voters[0].loss if voters else None),
+                "arbitrated": vote.arbitrated is not None,
                 "voters": [{"worker": r.worker, "owner": r.owner, "public_key": self._enrolled[r.worker].public_key,
                             "result": r.signed_result} for r in voters],
             })
 
     def _authenticate(self, result: Result) -> None:
         """Raise Rejection unless an enrolled, unrevoked worker signed `result` with its enrolled key."""
-        enrollment = self._enrolled.get(result.worker)
         current = self.registry.load().get(result.worker)
-        if enrollment is None or current is None:
+        if current is None:
             raise Rejection(f"worker {result.worker} is not enrolled")
         if current.revoked:
             raise Rejection(f"worker {result.worker} is revoked")
+        enrollment = self._enrolled.get(result.worker)
+        if enrollment is None:
+            raise Rejection(f"worker {result.worker} was not enrolled when epoch {self._context.epoch} started")
         try:
             verify_result(result, parse_public_key(enrollment.public_key))
         except CryptoError as error:
@@ -337,16 +355,50 @@ class EpochRunner:
             if not shortfall:
                 continue
             if reissues[vote.segment] + shortfall > self.farm.max_reissues:
-                raise QuorumError(self._no_quorum_message(epoch, vote, "the re-issue limit "
-                                                          f"({self.farm.max_reissues}) is reached"))
+                self._settle_dispute(epoch, base_digest, vote, f"the re-issue limit ({self.farm.max_reissues}) is reached")
+                continue
             eligible = eligible if eligible is not None else self._eligible()
             issued = self._issue(vote, shortfall, epoch=epoch, base_digest=base_digest, eligible=eligible)
             if issued < shortfall:
-                raise QuorumError(self._no_quorum_message(
-                    epoch, vote, f"no fresh live worker is left ({len(eligible)} live: {', '.join(eligible)})"))
+                self._settle_dispute(epoch, base_digest, vote,
+                                     f"no fresh live worker is left ({len(eligible)} live: {', '.join(eligible)})")
+                continue
             reissues[vote.segment] += issued
             progress.add(issued)
             logger.info("re-issued segment %d of epoch %d to %d more worker(s)", vote.segment, epoch, issued)
+
+    def _settle_dispute(self, epoch: int, base_digest: str, vote: SegmentVote, cause: str) -> None:
+        """Re-execute an undecided job here and accept that result; without a referee, stop the run."""
+        if self.referee is None:
+            raise QuorumError(self._no_quorum_message(epoch, vote, cause))
+        logger.warning("segment %d of epoch %d has no quorum (%s); re-executing it in the orchestrator",
+                       vote.segment, epoch, cause)
+        verdict = self.referee.train(epoch, vote.segment, base_digest)
+        self.verifier.remember(verdict.weights_digest, verdict.state_dict)
+        vote.arbitrate(verdict.weights_digest, verdict.loss_bits)
+        self._arbitrated_losses[vote.segment] = verdict.loss
+        self.client.revoke([r.assignment_id for r in vote.pending()])
+
+    def spot_check(self, epoch: int, base_digest: str, outcome: EpochOutcome, fraction: float) -> list[int]:
+        """Re-execute a random `fraction` of the accepted segments; return those whose result differs."""
+        if self.referee is None or fraction <= 0:
+            return []
+        failed = []
+        for segment, (digest, loss, voters) in sorted(outcome.accepted.items()):
+            if segment in outcome.arbitrated or self.rng.random() >= fraction:
+                continue
+            verdict = self.referee.train(epoch, segment, base_digest)
+            matches = verdict.weights_digest == digest and verdict.loss_bits == outcome.accepted_bits[segment]
+            self.ledger.append("spot_check", {"epoch": epoch, "segment": segment, "accepted_digest": digest,
+                                              "orchestrator_digest": verdict.weights_digest, "match": matches,
+                                              "voters": voters})
+            if not matches:
+                failed.append(segment)
+                for worker in voters:
+                    reason = f"epoch {epoch} segment {segment}: spot check found weights {digest[:12]} wrong"
+                    logger.warning("quarantining worker %s: %s", worker, reason)
+                    self.registry.quarantine(worker, reason)
+        return failed
 
     def _no_quorum_message(self, epoch: int, vote: SegmentVote, cause: str) -> str:
         lines = [f"segment {vote.segment} of epoch {epoch} cannot reach a quorum of {vote.quorum}: {cause}. Replicas:"]
@@ -357,11 +409,15 @@ class EpochRunner:
         return "\n".join(lines)
 
     def _outcome(self, reissues: Counter) -> EpochOutcome:
-        accepted, states = {}, {}
+        accepted, states, bits_of = {}, {}, {}
         for segment, vote in self._votes.items():
             digest, bits = vote.decision
-            loss = next(r.loss for r in vote.replicas.values() if (r.weights_digest, r.loss_bits) == (digest, bits))
+            if segment in self._arbitrated_losses:
+                loss = self._arbitrated_losses[segment]
+            else:
+                loss = next(r.loss for r in vote.replicas.values() if (r.weights_digest, r.loss_bits) == (digest, bits))
             accepted[segment] = (digest, loss, vote.voters())
+            bits_of[segment] = bits
             states[segment] = self.verifier.state_dict(digest)
         return EpochOutcome(
             accepted=accepted,
@@ -371,4 +427,6 @@ class EpochRunner:
             reissues=sum(reissues.values()),
             rejected=self._rejected,
             failed=self._failed,
+            arbitrated=sorted(self._arbitrated_losses),
+            accepted_bits=bits_of,
         )

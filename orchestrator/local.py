@@ -130,6 +130,11 @@ class LocalFarm:
                 time.sleep(0.1)
         logger.info("started Redis on %s", self.broker_url)
 
+    @staticmethod
+    def node(name: str) -> str:
+        """Return the node name of worker NAME on this host."""
+        return f"{name}@{socket.gethostname()}"
+
     def worker_key(self, name: str) -> Path:
         """Return the key file of worker NAME, creating it on first use."""
         path = self.log_dir / "keys" / f"{name}.key"
@@ -137,9 +142,10 @@ class LocalFarm:
             generate_key(path)
         return path
 
-    def start_worker(self, name: str, *, app: str = "tasks", owner: str | None = None, enroll: bool = True) -> str:
+    def start_worker(self, name: str, *, app: str = "tasks", owner: str | None = None, enroll: bool = True,
+                     env: dict[str, str] | None = None) -> str:
         """Start a worker of Celery app module `app` named NAME@host, enrolled under `owner` (default NAME)."""
-        node = f"{name}@{socket.gethostname()}"
+        node = self.node(name)
         key = self.worker_key(name)
         if enroll:
             self.registry.enroll(node, public_key_text(load_private_key(key)), owner or name)
@@ -147,7 +153,8 @@ class LocalFarm:
                    "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
         log = open(self.log_dir / f"{name}.log", "ab")
         self.workers[node] = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=self.environment(key), stdout=log, stderr=subprocess.STDOUT,
+            command, cwd=PROJECT_ROOT, env={**self.environment(key), **(env or {})}, stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so a kill reaches the pool child too
         )
         logger.info("started worker %s (pid %d)", node, self.workers[node].pid)

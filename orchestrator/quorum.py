@@ -30,14 +30,15 @@ class Replica:
     signed_result: dict | None = None  # the worker's signed result message, kept for the ledger
     weights_key: str = ""  # where the worker stored its sealed result weights
 
-    def summary(self) -> dict:
+    def summary(self, *, reveal: bool = True) -> dict:
+        """Return the replica as a dict; without `reveal`, its digest and loss are left out."""
         return {
             "assignment_id": self.assignment_id,
             "worker": self.worker,
             "owner": self.owner,
             "status": self.status,
-            "weights_digest": self.weights_digest,
-            "loss": self.loss,
+            "weights_digest": self.weights_digest if reveal else "",
+            "loss": self.loss if reveal else None,
             "reason": self.reason,
         }
 
@@ -51,6 +52,7 @@ class SegmentVote:
     replicas: dict[str, Replica] = field(default_factory=dict)
     # (weights digest, loss bits) -> owners whose workers returned it; an owner counts once
     groups: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    arbitrated: tuple[str, str] | None = None  # the orchestrator's own result, when it had to decide
 
     def add(self, replica: Replica) -> None:
         if replica.worker in self.workers():
@@ -88,7 +90,9 @@ class SegmentVote:
 
     @property
     def decision(self) -> tuple[str, str] | None:
-        """Return the (digest, loss bits) that reached the quorum, if any."""
+        """Return the (digest, loss bits) that reached the quorum or that the orchestrator decided, if any."""
+        if self.arbitrated is not None:
+            return self.arbitrated
         for key, voters in self.groups.items():
             if len(voters) >= self.quorum:
                 return key
@@ -97,6 +101,10 @@ class SegmentVote:
     @property
     def disagreement(self) -> bool:
         return len(self.groups) > 1
+
+    def arbitrate(self, weights_digest: str, bits: str) -> None:
+        """Decide the segment by the orchestrator's own result, whatever the workers returned."""
+        self.arbitrated = (weights_digest, bits)
 
     def shortfall(self) -> int:
         """Return how many more replicas the segment needs so that a quorum is still reachable."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from orchestrator.client import FarmClient
 from orchestrator.epoch import EpochOutcome, EpochRunner
 from orchestrator.identity import OrchestratorIdentity
 from orchestrator.ledger import Ledger
+from orchestrator.referee import Referee
 from protocol.crypto import public_key_text
 from orchestrator.registry import Registry
 from orchestrator.progress import Progress
@@ -60,6 +62,7 @@ def _epoch_record(epoch: int, outcome: EpochOutcome, sizes: list[int], digest: s
         "segments": len(sizes),
         "disagreements": outcome.disagreements,
         "reissues": outcome.reissues,
+        "arbitrated": outcome.arbitrated,
         "rejected": [asdict(r) for r in outcome.rejected],
         "failed": [asdict(r) for r in outcome.failed],
         "accepted_segments": [
@@ -82,6 +85,7 @@ def run_training(
     download: bool = False,
     run_id: str | None = None,
     progress_factory: Callable[[int], Progress] | None = None,
+    placement_rng: random.Random | None = None,
 ) -> RunResult:
     """Train for `epochs` epochs on the farm and write the run directory; return the final digest."""
     training.validate()
@@ -137,9 +141,11 @@ def run_training(
     client.publish_status(status)
 
     def publish(epoch: int, votes: dict[int, SegmentVote]) -> None:
+        # Status goes to Redis, which workers can read: no digest or loss of an undecided job may leak.
         status.update(state="running", epoch=epoch, updated_at=time.time(), segments={
             str(k): {"decision": vote.decision[0] if vote.decision else None,
-                     "replicas": [replica.summary() for replica in vote.replicas.values()]}
+                     "replicas": [replica.summary(reveal=vote.decision is not None)
+                                  for replica in vote.replicas.values()]}
             for k, vote in votes.items()
         })
         directory.write_state(status)
@@ -148,16 +154,30 @@ def run_training(
     runner = EpochRunner(client=client, run_id=run_id, training=training, farm=farm,
                          data_digests=data_digests,
                          verifier=WeightsVerifier(client.store, model_spec(), sealing=identity.sealing),
-                         identity=identity, registry=registry, ledger=ledger, on_change=publish)
+                         identity=identity, registry=registry, ledger=ledger, on_change=publish,
+                         referee=Referee(training=training, segments=segments, store=client.store, spec=model_spec())
+                         if farm.arbitrate or farm.spot_check else None,
+                         rng=placement_rng)
     try:
         epoch_started = time.monotonic()
         runner.start_epoch(1, base_digest)
-        for epoch in range(1, epochs + 1):
+        epoch = 1
+        while epoch <= epochs:
             progress = progress_factory(epoch)
             try:
                 outcome = runner.finish_epoch(progress)
             finally:
                 progress.close()
+
+            # Spot checks: a wrong accepted segment quarantines its voters and restarts the epoch.
+            wrong = runner.spot_check(epoch, base_digest, outcome, farm.spot_check)
+            if wrong:
+                logger.warning("epoch %d: spot check rejected segments %s; restarting the epoch from %s",
+                               epoch, wrong, base_digest[:12])
+                ledger.append("epoch_restarted", {"epoch": epoch, "base_digest": base_digest, "segments": wrong})
+                runner.verifier.clear()
+                runner.start_epoch(epoch, base_digest)
+                continue
 
             # Aggregate: the size-weighted average of the accepted segment weights, stored before use.
             state = weighted_average([outcome.states[k] for k in range(training.segments)], sizes)
@@ -183,6 +203,7 @@ def run_training(
                 epoch, epochs, record["train_loss"], record["test_loss"], record["accepted"], training.segments,
                 outcome.disagreements, outcome.reissues, len(outcome.rejected), record["wall_seconds"],
             )
+            epoch += 1
     except BaseException as error:
         status.update(state="failed", error=str(error) or type(error).__name__, updated_at=time.time())
         directory.write_state(status)

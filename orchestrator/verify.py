@@ -73,6 +73,10 @@ class WeightsVerifier:
             raise Rejection(str(error)) from None
         return self._verified.setdefault(digest, state_dict)
 
+    def remember(self, digest: str, state_dict: StateDict) -> None:
+        """Keep weights the orchestrator computed itself, which need no verification."""
+        self._verified[digest] = state_dict
+
     def state_dict(self, digest: str) -> StateDict:
         """Return weights verified earlier under `digest`."""
         return self._verified[digest]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -17,8 +18,19 @@ from protocol.messages import Job, Result
 SUBSET = 4000  # images: enough for the loss to fall in two epochs, small enough for 2 cores
 
 
+class AttackersFirst(random.Random):
+    """Worst-case placement for tests: workers whose names start with `prefixes` come first among equals."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__(0)
+        self.prefixes = prefixes
+
+    def shuffle(self, items: list) -> None:
+        items.sort(key=lambda worker: (not worker.startswith(self.prefixes), worker))
+
+
 def train(farm: LocalFarm, client: FarmClient, run_dir: Path, data_root: Path, *, epochs: int = 2,
-          **farm_options) -> RunResult:
+          run_id: str | None = None, placement_rng: random.Random | None = None, **farm_options) -> RunResult:
     # Strikes would quarantine the test attacker after a few cases; tests of quarantine lower this.
     settings = FarmSettings(**{"job_timeout": 120.0, "worker_wait": 60.0, "max_strikes": 1000, **farm_options})
     return run_training(
@@ -29,6 +41,8 @@ def train(farm: LocalFarm, client: FarmClient, run_dir: Path, data_root: Path, *
         run_dir=run_dir,
         data_root=data_root,
         state_dir=farm.state_dir,
+        run_id=run_id,
+        placement_rng=placement_rng,
     )
 
 

@@ -2,83 +2,181 @@
 
     celery -A tests.attackers.worker worker -n mallory@%h
 
-It reuses the production app (queue, heartbeats, torch setup) but replaces the training
-task in its own process only. The test picks the lie by setting ATTACK_MODE_KEY in Redis:
+It reuses the production app (queue, heartbeats, keys, torch setup) but replaces the training
+task in its own process only. The test picks the lie per worker by setting the Redis key
+mode_key(worker), or for every attacker at once by setting ATTACK_MODE_KEY:
 
     honest       behave like a production worker
-    corrupt      store random bytes and claim the honest digest
+    corrupt      store sealed random bytes and claim the honest digest
+    oversized    store a sealed blob larger than any valid weights
     wrong-shape  return weights with one tensor transposed
     nan          return weights with a NaN in one tensor
-    unknown-job  first send a result for an assignment that was never issued
+    poison       return weights shifted by a fixed amount with the honest loss; colluders agree on them
     wrong-loss   return the honest weights with a slightly different loss
+    unknown-job  first send a result for an assignment that was never issued
+    duplicate    send the same sealed result twice
+    replay       first send the sealed result it sent for its previous job
+    forge        sign the result with a key that is not enrolled
+    sybil        also send the result signed by a second identity of the same owner (FARM_SYBIL_KEY)
+    copier       read everything in Redis while a peer's replica is done, and record what it learned
     silent       train but never reply, like a worker that hangs
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import secrets
 import time
+from pathlib import Path
 
 import torch
 
-from protocol.crypto import seal
-from protocol.envelope import WEIGHTS_CONTEXT
+from protocol.crypto import generate_key, load_private_key, seal
+from protocol.envelope import WEIGHTS_CONTEXT, seal_result, sign_result
 from protocol.messages import TASK_NAME, Result, loss_bits
 from protocol.store import base_weights_key
 from tasks import app, jobs
-from tasks.identity import orchestrator_keys
+from tasks.identity import orchestrator_keys, worker_key
 
 ATTACK_MODE_KEY = "test:attack-mode"
+COPIER_REPORT_KEY = "test:copier-report"
+LAST_SEALED_KEY = "test:last-sealed:"
 
 app.tasks.unregister(TASK_NAME)
 
 
-def unsealed_honest_weights(job) -> bytes:
-    """Return the honest result weights as safetensors bytes by training the job again."""
+def mode_key(worker: str) -> str:
+    return f"{ATTACK_MODE_KEY}:{worker}"
+
+
+def honest_state(job):
+    """Return the honest result weights of `job`, trained again because the sealed copy cannot be opened."""
     from config.settings import TrainingSettings
     from model.training import job_seed, train_segment
-    from model.weights import decode_verified, encode, model_spec
+    from model.weights import decode_verified, model_spec
 
     settings = TrainingSettings.from_dict(job.training)
     images, _ = jobs._segment(str(jobs.data_root_from_env()), settings.dataset, settings.subset,
                               settings.segments, job.segment)
     base = decode_verified(jobs._store().get(base_weights_key(job.base_digest)), job.base_digest, model_spec())
     weights, _ = train_segment(base, images, settings, seed=job_seed(settings.seed, job.epoch, job.segment))
-    return encode(weights)
+    return weights
+
+
+def push_sealed(job, result: Result, key=None) -> dict:
+    """Sign `result` (with this worker's key unless told otherwise), seal it and push it."""
+    sealed = seal_result(sign_result(result, key or worker_key()), orchestrator_keys().sealing)
+    jobs._redis().rpush(job.reply_to, json.dumps(sealed))
+    return sealed
+
+
+def replace_weights(job, honest: Result, weights) -> Result:
+    """Store `weights` sealed under the honest result's key and return the result claiming them."""
+    from model.weights import encode, state_dict_digest
+
+    jobs._store().put(honest.weights_key, seal(orchestrator_keys().sealing, encode(weights), WEIGHTS_CONTEXT))
+    return dataclasses.replace(honest, weights_digest=state_dict_digest(weights))
+
+
+def copy_everything(job, honest: Result) -> dict:
+    """Wait for a peer's result, read every key in Redis, and look for this job's digest or weights."""
+    from model.weights import WeightsError, decode, model_spec, state_dict_digest
+
+    client = jobs._redis()
+
+    def peer_blobs() -> list[bytes]:
+        own = honest.weights_key.encode()
+        return [key for key in client.scan_iter(match="farm:replica-weights:*") if key != own]
+
+    # The orchestrator takes replies off the list at once, so wait for a peer's stored weights instead.
+    deadline = time.monotonic() + 10
+    while not peer_blobs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    peers = len(peer_blobs())
+    found, keys, blobs = [], 0, 0
+    for key in client.scan_iter(count=1000):
+        keys += 1
+        kind = client.type(key).decode()
+        if kind == "string":
+            values = [client.get(key)]
+        elif kind == "list":
+            values = client.lrange(key, 0, -1)
+        elif kind == "hash":
+            values = list(client.hgetall(key).values())
+        elif kind == "set":
+            values = list(client.smembers(key))
+        elif kind == "zset":
+            values = client.zrange(key, 0, -1)
+        else:
+            values = []
+        for value in values:
+            if value is None:
+                continue
+            if honest.weights_digest.encode() in value or honest.loss_bits.encode() in value:
+                found.append(key.decode())
+            try:
+                decoded = decode(value, model_spec())
+            except WeightsError:
+                continue  # not plain weights: sealed, or something else entirely
+            blobs += 1
+            if state_dict_digest(decoded) == honest.weights_digest:
+                found.append(key.decode())
+    return {"keys": keys, "decodable_blobs": blobs, "found": sorted(set(found)), "peer_blobs": peers}
 
 
 @app.task(name=TASK_NAME, bind=True)
 def lying_train_segment(self, message: dict) -> dict:
-    from model.weights import decode, encode, model_spec, state_dict_digest
-
     started = time.monotonic()
-    job = jobs._parse(message, self.request.hostname)
-    honest = jobs._train(job, self.request.hostname, started)
-    mode = (jobs._redis().get(ATTACK_MODE_KEY) or b"honest").decode()
-    key = honest.weights_key
-    sealing = orchestrator_keys().sealing
+    worker = self.request.hostname
+    job = jobs._parse(message, worker)
+    client = jobs._redis()
+    raw_mode = client.get(mode_key(worker)) or client.get(ATTACK_MODE_KEY) or b"honest"
+    mode = raw_mode.decode()
+
+    honest = jobs._train(job, worker, started)
     result = honest
 
-    if mode == "corrupt":
-        jobs._store().put(key, seal(sealing, secrets.token_bytes(4096), WEIGHTS_CONTEXT))
-    elif mode in ("wrong-shape", "nan"):
-        # The attacker cannot open its own sealed blob, so it trains and encodes once more.
-        weights = decode(unsealed_honest_weights(job), model_spec())
+    if mode == "copier":
+        client.rpush(COPIER_REPORT_KEY, json.dumps(copy_everything(job, honest)))
+    elif mode == "corrupt":
+        jobs._store().put(honest.weights_key, seal(orchestrator_keys().sealing, secrets.token_bytes(4096),
+                                                   WEIGHTS_CONTEXT))
+    elif mode == "oversized":
+        jobs._store().put(honest.weights_key, seal(orchestrator_keys().sealing, secrets.token_bytes(17 << 20),
+                                                   WEIGHTS_CONTEXT))
+    elif mode in ("wrong-shape", "nan", "poison"):
+        weights = honest_state(job)
         if mode == "wrong-shape":
             weights["encoder.0.weight"] = weights["encoder.0.weight"].t().contiguous()
-        else:
+        elif mode == "nan":
             weights["decoder.4.weight"][0, 0] = torch.nan
-        digest = state_dict_digest(weights)
-        jobs._store().put(key, seal(sealing, encode(weights), WEIGHTS_CONTEXT))
-        result = Result(**{**honest.__dict__, "weights_digest": digest})
-    elif mode == "unknown-job":
-        bogus = Result(**{**honest.__dict__, "assignment_id": secrets.token_hex(16)})
-        jobs._reply(job, bogus)
+        else:
+            weights["decoder.8.bias"] = weights["decoder.8.bias"] + 0.25
+        result = replace_weights(job, honest, weights)
     elif mode == "wrong-loss":
         loss = honest.loss + 1e-4
-        result = Result(**{**honest.__dict__, "loss": loss, "loss_bits": loss_bits(loss)})
-
+        result = dataclasses.replace(honest, loss=loss, loss_bits=loss_bits(loss))
+    elif mode == "unknown-job":
+        push_sealed(job, dataclasses.replace(honest, assignment_id=secrets.token_hex(16)))
+    elif mode == "replay":
+        previous = client.get(LAST_SEALED_KEY + worker)
+        if previous:
+            client.rpush(job.reply_to, previous)
+    elif mode == "forge":
+        stranger = Path(f"/tmp/forger-{os.getpid()}-{secrets.token_hex(4)}.key")
+        push_sealed(job, honest, key=generate_key(stranger))
+        stranger.unlink()
+    elif mode == "sybil":
+        sybil_name = os.environ["FARM_SYBIL_NAME"]
+        push_sealed(job, dataclasses.replace(honest, worker=sybil_name),
+                    key=load_private_key(Path(os.environ["FARM_SYBIL_KEY"])))
     if mode == "silent":
         return {}
-    jobs._reply(job, result)
-    return result.to_message()
+
+    sealed = push_sealed(job, result)
+    if mode == "duplicate":
+        client.rpush(job.reply_to, json.dumps(sealed))
+    client.set(LAST_SEALED_KEY + worker, json.dumps(sealed))
+    return {"assignment_id": job.assignment_id, "status": "sent"}
