@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import ssl
+
+from config.settings import redis_tls_options
+
 # Backstop limits for any task; the orchestrator sets each job's own limits from --job-timeout.
 TASK_TIME_LIMIT = 3600  # seconds before the pool kills a job's process
 RESULT_EXPIRES = 24 * 3600  # seconds a task result stays in the result backend
 
 
+def _celery_tls(broker_url: str) -> dict:
+    """Return Celery's TLS settings for a rediss:// broker, built from the FARM_REDIS_TLS_* variables."""
+    if not broker_url.startswith("rediss://"):
+        return {}
+    options = redis_tls_options()
+    options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return {"broker_use_ssl": options, "redis_backend_use_ssl": dict(options)}
+
+
 def celery_settings(broker_url: str) -> dict:
     """Return the Celery configuration for the farm's app."""
-    return {
+    return _celery_tls(broker_url) | {
         "broker_url": broker_url,
         "result_backend": broker_url,
         # JSON only: a pickle message is refused before any of its bytes are deserialized.

@@ -32,6 +32,28 @@ def store_url_from_env() -> str:
     return os.environ.get("FARM_STORE_URL") or broker_url_from_env()
 
 
+def redis_tls_options() -> dict:
+    """Return TLS settings for rediss:// URLs from FARM_REDIS_TLS_CA, FARM_REDIS_TLS_CERT, FARM_REDIS_TLS_KEY.
+
+    The server certificate is always verified; the client certificate and key are optional.
+    """
+    options = {"ssl_cert_reqs": "required"}
+    for variable, option in (("FARM_REDIS_TLS_CA", "ssl_ca_certs"), ("FARM_REDIS_TLS_CERT", "ssl_certfile"),
+                             ("FARM_REDIS_TLS_KEY", "ssl_keyfile")):
+        if os.environ.get(variable):
+            options[option] = os.environ[variable]
+    return options
+
+
+def redis_client(url: str, **options):
+    """Return a redis-py client for `url`, with the TLS settings when the URL is rediss://."""
+    import redis
+
+    if url.startswith("rediss://"):
+        options = {**redis_tls_options(), **options}
+    return redis.Redis.from_url(url, **options)
+
+
 def data_root_from_env() -> Path:
     """Return the dataset root from FARM_DATA_ROOT (torchvision layout), default ./data."""
     return Path(os.environ.get("FARM_DATA_ROOT", "data")).expanduser()

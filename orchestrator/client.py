@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import redis
+
+from config.settings import redis_client
 from celery import Celery
 
 from config.celery import celery_settings
@@ -21,7 +23,7 @@ class FarmClient:
     def __init__(self, broker_url: str, store_url: str) -> None:
         self.app = Celery("farm")
         self.app.conf.update(celery_settings(broker_url))
-        self.redis = redis.Redis.from_url(broker_url, socket_timeout=30, health_check_interval=10)
+        self.redis = redis_client(broker_url, socket_timeout=30, health_check_interval=10)
         self.store = RedisWeightStore(store_url)
 
     def ping(self) -> None:

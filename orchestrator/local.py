@@ -52,6 +52,8 @@ class LocalFarm:
         worker_prefix: str = "worker",
         extra_env: dict[str, str] | None = None,
         state_dir: Path | None = None,
+        redis_password: str | None = None,
+        tls: bool = False,
     ) -> None:
         self.worker_count = workers
         self.data_root = Path(data_root).resolve()
@@ -61,7 +63,12 @@ class LocalFarm:
         self.extra_env = extra_env or {}
         self.redis_port = free_port()
         self.flower_port = free_port() if flower else None
-        self.broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.redis_password = redis_password
+        self.tls = tls
+        self.tls_dir = self.log_dir / "tls"
+        scheme = "rediss" if tls else "redis"
+        credentials = f":{redis_password}@" if redis_password else ""
+        self.broker_url = f"{scheme}://{credentials}127.0.0.1:{self.redis_port}/0"
         self.redis_process: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.flower_process: subprocess.Popen | None = None
@@ -79,6 +86,8 @@ class LocalFarm:
         env["FARM_STORE_URL"] = self.broker_url
         env["FARM_DATA_ROOT"] = str(self.data_root)
         env["FARM_ORCHESTRATOR_KEY"] = str((self.state_dir / PUBLIC_FILE).resolve())
+        if self.tls:
+            env["FARM_REDIS_TLS_CA"] = str((self.tls_dir / "ca.pem").resolve())
         if worker_key is not None:
             env["FARM_WORKER_KEY"] = str(worker_key.resolve())
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
@@ -94,6 +103,11 @@ class LocalFarm:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+    def client(self) -> redis.Redis:
+        """Return a client of this farm's Redis, with its password and TLS settings."""
+        options = {"ssl_ca_certs": str(self.tls_dir / "ca.pem"), "ssl_cert_reqs": "required"} if self.tls else {}
+        return redis.Redis.from_url(self.broker_url, **options)
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -117,8 +131,16 @@ class LocalFarm:
             "--save", "", "--appendonly", "yes",
             "--maxmemory-policy", "noeviction",  # kombu's routing tables must never be evicted
         ]
+        if self.redis_password:
+            command += ["--requirepass", self.redis_password]
+        if self.tls:
+            write_tls_files(self.tls_dir)
+            command += ["--port", "0", "--tls-port", str(self.redis_port), "--tls-auth-clients", "no",
+                        "--tls-cert-file", str((self.tls_dir / "server.pem").resolve()),
+                        "--tls-key-file", str((self.tls_dir / "server-key.pem").resolve()),
+                        "--tls-ca-cert-file", str((self.tls_dir / "ca.pem").resolve())]
         self.redis_process = subprocess.Popen(command, stdout=open(self.log_dir / "redis.log", "ab"), stderr=subprocess.STDOUT)
-        client = redis.Redis(host="127.0.0.1", port=self.redis_port)
+        client = self.client()
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -128,7 +150,7 @@ class LocalFarm:
                 if self.redis_process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server did not start; see {self.log_dir / 'redis.log'}") from None
                 time.sleep(0.1)
-        logger.info("started Redis on %s", self.broker_url)
+        logger.info("started Redis on 127.0.0.1:%d%s", self.redis_port, " with TLS" if self.tls else "")
 
     @staticmethod
     def node(name: str) -> str:
@@ -169,7 +191,7 @@ class LocalFarm:
 
     def wait_for_workers(self, count: int, timeout: float = 120.0) -> None:
         """Wait until `count` workers have heartbeats, failing early when one exits."""
-        client = redis.Redis(host="127.0.0.1", port=self.redis_port)
+        client = self.client()
         deadline = time.monotonic() + timeout
         while len(read_heartbeats(client)) < count:
             for node, process in self.workers.items():
@@ -193,6 +215,43 @@ class LocalFarm:
             _stop(self.redis_process, signal.SIGTERM)
             self.redis_process = None
         logger.info("stopped the local farm")
+
+
+def write_tls_files(directory: Path) -> None:
+    """Write a throwaway CA and a server certificate for 127.0.0.1, for a Redis with TLS on loopback."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def write_key(key, name: str) -> None:
+        path = directory / name
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "farm local CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+              .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    write_key(server_key, "server-key.pem")
 
 
 def _stop(process: subprocess.Popen, sig: int, timeout: float = 20.0) -> None:

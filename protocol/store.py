@@ -10,6 +10,8 @@ from typing import Protocol
 
 import redis
 
+from config.settings import redis_client
+
 # Blobs outlive any epoch that reads them; the run directory keeps the weights for good.
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
 
@@ -44,7 +46,7 @@ class RedisWeightStore:
     """Weight blobs in Redis, each with a time-to-live."""
 
     def __init__(self, url: str, *, ttl: int = DEFAULT_TTL_SECONDS) -> None:
-        self._redis = redis.Redis.from_url(url)
+        self._redis = redis_client(url)
         self._ttl = ttl
 
     def put(self, key: str, blob: bytes) -> None:

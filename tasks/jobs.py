@@ -11,7 +11,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
-from config.settings import SettingsError, TrainingSettings, data_root_from_env, store_url_from_env
+from config.settings import SettingsError, TrainingSettings, data_root_from_env, redis_client, store_url_from_env
 from protocol.crypto import CryptoError, seal
 from protocol.envelope import WEIGHTS_CONTEXT, seal_result, sign_result, verify_job
 from protocol.messages import TASK_NAME, Job, ProtocolError, Result, loss_bits
@@ -34,7 +34,7 @@ class JobFailed(Exception):
 
 @functools.lru_cache(maxsize=1)
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(store_url_from_env())
+    return redis_client(store_url_from_env())
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,7 +15,7 @@ from celery.signals import celeryd_after_setup, worker_process_init
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
-from config.settings import DATASETS, data_root_from_env, store_url_from_env
+from config.settings import DATASETS, data_root_from_env, redis_client, store_url_from_env
 from protocol.heartbeat import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, heartbeat_key
 from protocol.messages import worker_queue
 from tasks.app import app
@@ -73,7 +73,7 @@ class Heartbeat(bootsteps.StartStopStep):
         orchestrator_keys()
         logger.info("worker %s has public key %s; the operator enrolls it with: orchestrator workers enroll "
                     "%s %s --owner OWNER", parent.hostname, self.public_key, parent.hostname, self.public_key)
-        self.client = redis.Redis.from_url(store_url_from_env(), socket_timeout=5)
+        self.client = redis_client(store_url_from_env(), socket_timeout=5)
         self.claim_name(parent.hostname)
         root = data_root_from_env()
         if not any(dataset_health(root).values()):
