@@ -10,6 +10,7 @@ from pathlib import Path
 from config.settings import FarmSettings, TrainingSettings
 from orchestrator.client import FarmClient
 from orchestrator.identity import OrchestratorIdentity
+from orchestrator.ledger import audit
 from orchestrator.local import LocalFarm
 from orchestrator.training import RunResult, run_training
 from protocol.envelope import open_result, sign_job
@@ -33,7 +34,7 @@ def train(farm: LocalFarm, client: FarmClient, run_dir: Path, data_root: Path, *
           run_id: str | None = None, placement_rng: random.Random | None = None, **farm_options) -> RunResult:
     # Strikes would quarantine the test attacker after a few cases; tests of quarantine lower this.
     settings = FarmSettings(**{"job_timeout": 120.0, "worker_wait": 60.0, "max_strikes": 1000, **farm_options})
-    return run_training(
+    result = run_training(
         client=client,
         training=TrainingSettings(subset=SUBSET, seed=3),
         farm=settings,
@@ -44,6 +45,10 @@ def train(farm: LocalFarm, client: FarmClient, run_dir: Path, data_root: Path, *
         run_id=run_id,
         placement_rng=placement_rng,
     )
+    # Every run's ledger must audit clean, whatever the attackers did.
+    report = audit(run_dir, OrchestratorIdentity.load(farm.state_dir).signing.public_key())
+    assert report.ok, f"ledger of {run_dir} failed its audit: {report.error}"
+    return result
 
 
 def send_signed_job(farm: LocalFarm, client: FarmClient, *, time_limit: float = 60, **fields) -> Result | None:

@@ -1,13 +1,16 @@
-"""Signatures over canonical JSON, sealed boxes, key files and the worker registry."""
+"""Signatures over canonical JSON, sealed boxes, key files, the worker registry and result binding."""
 
 import dataclasses
+import re
 import os
 import stat
 
 import pytest
 
 from orchestrator.identity import OrchestratorIdentity
+from orchestrator.quorum import Replica
 from orchestrator.registry import Registry, RegistryError
+from orchestrator.verify import EpochContext, Rejection, check_binding
 from protocol.crypto import (
     JOB_DOMAIN,
     CryptoError,
@@ -147,3 +150,42 @@ def test_strikes_quarantine_at_limit(tmp_path, key):
 def test_public_key_length_checked():
     with pytest.raises(CryptoError, match="expected 32"):
         parse_public_key("AAAA")
+
+
+# --- binding of results to assignments ---------------------------------------------------
+
+BASE = "ab" * 32
+
+
+def bound_pair(**changes):
+    replica = Replica("cd" * 16, "w1@host", "alice", 0, issued_at=0.0, deadline=1.0)
+    result = Result(run_id="run1", epoch=3, segment=0, assignment_id="cd" * 16, worker="w1@host", base_digest=BASE,
+                    status="ok", weights_digest="ef" * 32, loss=0.25, loss_bits=loss_bits(0.25))
+    return dataclasses.replace(result, **changes), replica
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"run_id": "run2"}, "result for another run 'run2'"),
+        ({"epoch": 2}, "stale result from epoch 2, current epoch is 3"),
+        ({"worker": "w2@host"}, "belongs to w1@host, result claims w2@host"),
+        ({"segment": 1}, "is for segment 0, result claims 1"),
+        ({"base_digest": "99" * 32}, "result trained from base 9999999999999999, epoch base is abababababababab"),
+    ],
+)
+def test_binding_rejects_mismatch(changes, reason):
+    result, replica = bound_pair(**changes)
+    with pytest.raises(Rejection, match=re.escape(reason)):
+        check_binding(result, replica, EpochContext("run1", 3, BASE))
+
+
+def test_binding_rejects_unknown_assignment():
+    result, _ = bound_pair()
+    with pytest.raises(Rejection, match="no such job was issued this epoch"):
+        check_binding(result, None, EpochContext("run1", 3, BASE))
+
+
+def test_binding_accepts_matching_result():
+    result, replica = bound_pair()
+    assert check_binding(result, replica, EpochContext("run1", 3, BASE)) is replica

@@ -280,3 +280,41 @@ def test_audit_detects_swapped_weights_file(farm, honest_run, tmp_path):
     result = audit_output(copy, farm.state_dir)
     assert result.exit_code == 1
     assert "epoch-0002.safetensors does not hash to the recorded digest" in result.output
+
+
+def worker_log(farm, node: str) -> str:
+    return (farm.log_dir / f"{node.split('@')[0]}.log").read_text()
+
+
+def test_worker_rejects_badly_signed_job(client, farm):
+    import dataclasses
+
+    from orchestrator.identity import OrchestratorIdentity
+    from protocol.envelope import sign_job
+
+    node = sorted(farm.workers)[1]
+    now = time.time()
+    job = sign_job(Job(run_id="forged", epoch=1, segment=0, assignment_id="aa" * 16, worker=node,
+                       base_digest="ab" * 32, data_digest="cd" * 32, training=TrainingSettings().to_dict(),
+                       reply_to="farm:results:forged", issued_at=now, expires_at=now + 60),
+                   OrchestratorIdentity.load(farm.state_dir).signing)
+    client.send(dataclasses.replace(job, epoch=2), time_limit=60, expires_in=60)  # changed after signing
+
+    assert client.redis.blpop(["farm:results:forged"], timeout=5) is None
+    assert f"invalid signature on job {'aa' * 16}: signature does not match" in worker_log(farm, node)
+
+
+def test_worker_rejects_expired_job(client, farm):
+    from orchestrator.identity import OrchestratorIdentity
+    from protocol.envelope import sign_job
+
+    node = sorted(farm.workers)[2]
+    now = time.time()
+    job = sign_job(Job(run_id="late", epoch=1, segment=0, assignment_id="bb" * 16, worker=node,
+                       base_digest="ab" * 32, data_digest="cd" * 32, training=TrainingSettings().to_dict(),
+                       reply_to="farm:results:late", issued_at=now - 120, expires_at=now - 60),
+                   OrchestratorIdentity.load(farm.state_dir).signing)
+    client.send(job, time_limit=60, expires_in=60)
+
+    assert client.redis.blpop(["farm:results:late"], timeout=5) is None
+    assert f"job {'bb' * 16} expired at" in worker_log(farm, node)
