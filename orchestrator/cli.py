@@ -266,7 +266,7 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
     options["run_dir"] = options["run_dir"] or Path("runs") / run_id
     log_dir = Path(options["run_dir"]).with_name(Path(options["run_dir"]).name + "-logs")
     with LocalFarm(workers=worker_count, data_root=options["data_root"], log_dir=log_dir, flower=flower) as farm_processes:
-        click.echo(f"Redis: {farm_processes.broker_url}   workers: {worker_count}   logs: {log_dir}")
+        click.echo(f"Redis: {_redact(farm_processes.broker_url)}   workers: {worker_count}   logs: {log_dir}")
         if farm_processes.flower_url:
             hint = "" if keep_running else " (it stops with the run; pass --keep-running to keep it up)"
             click.echo(f"Flower UI: {farm_processes.flower_url}{hint}")
