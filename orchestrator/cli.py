@@ -274,6 +274,7 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
         options["state_dir"] = farm_processes.state_dir
         result = _train(client, training, farm, options, run_id)
         _report(result)
+        click.echo(f"Audit the ledger with: orchestrator audit {result.run_dir} --state-dir {farm_processes.state_dir}")
         if keep_running:
             click.echo(f"Farm still running (Flower UI: {farm_processes.flower_url or 'off'}); press Ctrl-C to stop it.")
             try:
