@@ -372,8 +372,12 @@ def _print_workers(live: dict[str, dict], enrollments: dict) -> None:
         record, entry = live.get(name), enrollments.get(name)
         if entry is None:
             standing = "unenrolled"
+        elif entry.revoked:
+            standing = "revoked"
+        elif entry.quarantined:
+            standing = "quarantined"
         else:
-            standing = "revoked" if entry.revoked else "quarantined" if entry.quarantined else "enrolled"
+            standing = "enrolled"
         if record is None:
             state = "offline"
         elif record.get("health") != "ok":

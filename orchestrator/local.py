@@ -39,7 +39,7 @@ class LocalFarm:
     """Start Redis, workers and optionally Flower on 127.0.0.1; stop all of them on exit.
 
     It also creates the orchestrator's key in `state_dir` (default LOG_DIR/state), a key per
-    worker, and enrolls each worker under an owner of its own unless told otherwise.
+    worker, and enrolls each worker under an owner of its own unless an owner is given.
     """
 
     def __init__(

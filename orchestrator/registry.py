@@ -27,7 +27,7 @@ class RegistryError(ValueError):
 
 @dataclass
 class Enrollment:
-    """One worker identity as the orchestrator knows it."""
+    """One enrolled worker identity and its standing."""
 
     public_key: str
     owner: str

@@ -28,7 +28,7 @@ RESULT_DOMAIN = "farm.result.v1"
 
 
 class CryptoError(ValueError):
-    """A key, signature or sealed box is invalid; the message says which and why."""
+    """A key, signature or sealed box is invalid; the message names which one and the cause."""
 
 
 def canonical(payload: dict) -> bytes:

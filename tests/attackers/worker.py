@@ -1,4 +1,4 @@
-"""A misbehaving worker for tests. It speaks the real protocol over the real broker and lies as told.
+"""A misbehaving worker for tests. It speaks the real protocol over the real broker and lies in the way a test selects.
 
     celery -A tests.attackers.worker worker -n mallory@%h
 
@@ -66,7 +66,7 @@ def honest_state(job):
 
 
 def push_sealed(job, result: Result, key=None) -> dict:
-    """Sign `result` (with this worker's key unless told otherwise), seal it and push it."""
+    """Sign `result` with `key` (default: this worker's key), seal it and push it."""
     sealed = seal_result(sign_result(result, key or worker_key()), orchestrator_keys().sealing)
     jobs._redis().rpush(job.reply_to, json.dumps(sealed))
     return sealed
