@@ -54,6 +54,7 @@ class LocalFarm:
         state_dir: Path | None = None,
         redis_password: str | None = None,
         tls: bool = False,
+        separate_store: bool = False,
     ) -> None:
         self.worker_count = workers
         self.data_root = Path(data_root).resolve()
@@ -69,6 +70,8 @@ class LocalFarm:
         scheme = "rediss" if tls else "redis"
         credentials = f":{redis_password}@" if redis_password else ""
         self.broker_url = f"{scheme}://{credentials}127.0.0.1:{self.redis_port}/0"
+        # The store may be another database of the same server, as another server would be in production.
+        self.store_url = self.broker_url[:-1] + "1" if separate_store else self.broker_url
         self.redis_process: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.flower_process: subprocess.Popen | None = None
@@ -83,7 +86,7 @@ class LocalFarm:
         env = dict(os.environ)
         env.update(self.extra_env)
         env["FARM_BROKER_URL"] = self.broker_url
-        env["FARM_STORE_URL"] = self.broker_url
+        env["FARM_STORE_URL"] = self.store_url
         env["FARM_DATA_ROOT"] = str(self.data_root)
         env["FARM_ORCHESTRATOR_KEY"] = str((self.state_dir / PUBLIC_FILE).resolve())
         if self.tls:

@@ -11,7 +11,14 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
-from config.settings import SettingsError, TrainingSettings, data_root_from_env, redis_client, store_url_from_env
+from config.settings import (
+    SettingsError,
+    TrainingSettings,
+    broker_url_from_env,
+    data_root_from_env,
+    redis_client,
+    store_url_from_env,
+)
 from protocol.crypto import CryptoError, seal
 from protocol.envelope import WEIGHTS_CONTEXT, seal_result, sign_result, verify_job
 from protocol.messages import TASK_NAME, Job, ProtocolError, Result, loss_bits
@@ -34,7 +41,8 @@ class JobFailed(Exception):
 
 @functools.lru_cache(maxsize=1)
 def _redis() -> redis.Redis:
-    return redis_client(store_url_from_env())
+    """Return a client of the broker's Redis, where replies go; weights go to the store."""
+    return redis_client(broker_url_from_env())
 
 
 @functools.lru_cache(maxsize=1)

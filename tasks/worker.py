@@ -15,7 +15,7 @@ from celery.signals import celeryd_after_setup, worker_process_init
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
-from config.settings import DATASETS, data_root_from_env, redis_client, store_url_from_env
+from config.settings import DATASETS, broker_url_from_env, data_root_from_env, redis_client, store_url_from_env
 from protocol.heartbeat import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, heartbeat_key
 from protocol.messages import worker_queue
 from tasks.app import app
@@ -73,7 +73,9 @@ class Heartbeat(bootsteps.StartStopStep):
         orchestrator_keys()
         logger.info("worker %s has public key %s; the operator enrolls it with: orchestrator workers enroll "
                     "%s %s --owner OWNER", parent.hostname, self.public_key, parent.hostname, self.public_key)
-        self.client = redis_client(store_url_from_env(), socket_timeout=5)
+        # Heartbeats go where the orchestrator reads them, the broker; the store is only checked.
+        self.client = redis_client(broker_url_from_env(), socket_timeout=5)
+        self.store = redis_client(store_url_from_env(), socket_timeout=5)
         self.claim_name(parent.hostname)
         root = data_root_from_env()
         if not any(dataset_health(root).values()):
@@ -114,6 +116,11 @@ class Heartbeat(bootsteps.StartStopStep):
         root = data_root_from_env()
         datasets = dataset_health(root)
         active = sorted(request.id for request in worker_state.active_requests)
+        health = "ok" if any(datasets.values()) else f"unhealthy: no dataset under data root {root}"
+        try:
+            self.store.ping()
+        except redis.RedisError as error:
+            health = f"unhealthy: cannot reach the weights store: {error}"
         record = {
             "worker": parent.hostname,
             "public_key": self.public_key,
@@ -124,7 +131,7 @@ class Heartbeat(bootsteps.StartStopStep):
             "beat_at": time.time(),
             "datasets": datasets,
             "data_root": str(root),
-            "health": "ok" if any(datasets.values()) else f"unhealthy: no dataset under data root {root}",
+            "health": health,
             "active": active,
             # Counts are keyed by the name shown in Flower, which each job sets to its epoch and segment.
             "processed": sum(worker_state.total_count.values()),

@@ -1,4 +1,7 @@
-"""A farm whose Redis needs a password and TLS: it trains, and no secret reaches any log."""
+"""A farm whose Redis needs a password and TLS, with the weights store in another database.
+
+It trains, and no secret reaches any log.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def password() -> str:
 def secure_farm(data_root, tmp_path_factory, password):
     log_dir = tmp_path_factory.mktemp("secure-farm")
     with LocalFarm(workers=2, data_root=data_root, log_dir=log_dir, flower=True, redis_password=password,
-                   tls=True) as farm:
+                   tls=True, separate_store=True) as farm:
         yield farm
 
 
@@ -39,7 +42,7 @@ def secure_run(secure_farm, data_root, tmp_path_factory):
     root.setLevel(logging.DEBUG)
     os.environ["FARM_REDIS_TLS_CA"] = str(secure_farm.tls_dir / "ca.pem")
     try:
-        client = FarmClient(secure_farm.broker_url, secure_farm.broker_url)
+        client = FarmClient(secure_farm.broker_url, secure_farm.store_url)
         result = train(secure_farm, client, tmp_path_factory.mktemp("secure-run") / "run", data_root, epochs=1)
     finally:
         del os.environ["FARM_REDIS_TLS_CA"]
@@ -52,6 +55,14 @@ def test_farm_trains_over_tls_with_password(secure_farm, secure_run):
     result, _ = secure_run
     assert secure_farm.broker_url.startswith("rediss://")
     assert result.metrics[0]["accepted"] == 2
+
+
+def test_weights_stay_in_the_store_database(secure_farm, secure_run):
+    store = redis.Redis.from_url(secure_farm.store_url, ssl_ca_certs=str(secure_farm.tls_dir / "ca.pem"))
+    broker = secure_farm.client()
+    assert list(store.scan_iter(match="farm:weights:*"))
+    assert not list(broker.scan_iter(match="farm:weights:*"))
+    assert list(broker.scan_iter(match="farm:workers:*"))  # heartbeats are where the orchestrator reads them
 
 
 def test_plain_connection_refused(secure_farm, password):
