@@ -486,6 +486,42 @@ def audit(run_dir: Path, state_dir: Path) -> None:
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--epoch", type=click.IntRange(min=0), required=True, help="Epoch whose weights to export (0: initial).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              show_default="RUN_DIR-epoch-N.safetensors", help="File to write; must not exist.")
+def export(run_dir: Path, epoch: int, out: Path | None) -> None:
+    """Write the weights of one epoch of RUN_DIR to a safetensors file, checked against the ledger."""
+    from model.weights import WeightsError, decode, encode, model_spec, state_dict_digest
+    from orchestrator.ledger import LEDGER_FILE
+
+    source = run_dir / "weights" / f"epoch-{epoch:04d}.safetensors"
+    if not source.is_file():
+        raise click.ClickException(f"{source} not found: epoch {epoch} did not finish in this run")
+    try:
+        state = decode(source.read_bytes(), model_spec())
+    except WeightsError as error:
+        raise click.ClickException(f"{source} is invalid: {error}") from None
+    digest = state_dict_digest(state)
+    recorded = None
+    if (run_dir / LEDGER_FILE).exists():
+        for line in (run_dir / LEDGER_FILE).read_text().splitlines():
+            entry = json.loads(line)
+            if entry["kind"] == "epoch_aggregated" and entry["data"]["epoch"] == epoch:
+                recorded = entry["data"]["weights_digest"]
+            elif entry["kind"] == "run_started" and epoch == 0:
+                recorded = entry["data"]["initial_digest"]
+        if recorded != digest:
+            raise click.ClickException(f"{source} hashes to {digest[:16]}, the ledger records {str(recorded)[:16]}; "
+                                       f"check the run with: orchestrator audit {run_dir}")
+    out = out or run_dir.with_name(f"{run_dir.name}-epoch-{epoch}.safetensors")
+    if out.exists():
+        raise click.ClickException(f"{out} already exists; pass another --out")
+    out.write_bytes(encode(state))
+    click.echo(f"wrote epoch {epoch} weights {digest} to {out}")
+
+
+@main.command()
 @state_dir_option
 @click.option("--public-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also copy the public key file into this directory, for example a volume workers mount.")

@@ -318,3 +318,19 @@ def test_worker_rejects_expired_job(client, farm):
 
     assert client.redis.blpop(["farm:results:late"], timeout=5) is None
     assert f"job {'bb' * 16} expired at" in worker_log(farm, node)
+
+
+def test_export_writes_epoch_weights(honest_run, tmp_path):
+    out = tmp_path / "epoch1.safetensors"
+    result = CliRunner().invoke(main, ["export", str(honest_run.run_dir), "--epoch", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from model.weights import decode, model_spec
+
+    assert state_dict_digest(decode(out.read_bytes(), model_spec())) == honest_run.metrics[0]["weights_digest"]
+
+
+def test_export_rejects_missing_epoch(honest_run, tmp_path):
+    result = CliRunner().invoke(main, ["export", str(honest_run.run_dir), "--epoch", "9", "--out",
+                                       str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 1
+    assert "epoch 9 did not finish in this run" in result.output
