@@ -110,9 +110,9 @@ def training_options(command):
         click.option("--segments", type=click.IntRange(min=1), default=DEFAULTS_TRAINING.segments, show_default=True,
                      help="Segments S per epoch; segment k contains the images whose index mod S is k."),
         click.option("--replicas", type=click.IntRange(min=1), default=DEFAULTS_FARM.replicas, show_default=True,
-                     help="Replicas R of every job, each on a distinct worker."),
+                     help="Replicas R of every job, each on a worker of a distinct owner."),
         click.option("--quorum", type=click.IntRange(min=1), default=DEFAULTS_FARM.quorum, show_default=True,
-                     help="Distinct workers Q (at most R) that must return identical weights and loss."),
+                     help="Distinct owners Q (at most R) whose workers must return identical weights and loss."),
         click.option("--max-reissues", type=click.IntRange(min=0), default=DEFAULTS_FARM.max_reissues, show_default=True,
                      help="Extra replicas per segment and epoch after disagreement, failure or timeout."),
         click.option("--job-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS_FARM.job_timeout,
@@ -124,7 +124,7 @@ def training_options(command):
         click.option("--spot-check", type=click.FloatRange(0, 1), default=DEFAULTS_FARM.spot_check,
                      show_default=True, help="Fraction of accepted segments the orchestrator re-executes."),
         click.option("--worker-wait", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS_FARM.worker_wait,
-                     show_default=True, help="Seconds to wait at start for R live workers."),
+                     show_default=True, help="Seconds to wait at each epoch's start for live workers of R distinct owners."),
         click.option("--dataset", type=click.Choice(sorted(DATASETS)), default=DEFAULTS_TRAINING.dataset,
                      show_default=True, help="Training set."),
         click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), envvar="FARM_DATA_ROOT",
@@ -323,8 +323,9 @@ def evaluate(weights: str, dataset: str, data_root: Path, broker_url: str, store
 @click.option("--run-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Read this run's state.json instead of the broker's current run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw state as JSON.")
+@state_dir_option
 @connection_options
-def status(run_dir: Path | None, as_json: bool, broker_url: str, store_url: str | None) -> None:
+def status(run_dir: Path | None, as_json: bool, state_dir: Path, broker_url: str, store_url: str | None) -> None:
     """Show live workers and the current run's epoch and per-segment state."""
     from orchestrator.rundir import RunDirectory
 
@@ -347,7 +348,7 @@ def status(run_dir: Path | None, as_json: bool, broker_url: str, store_url: str 
         click.echo(json.dumps({"workers": workers, "run": state}, indent=2))
         return
     if workers is not None:
-        _print_workers(workers, {})
+        _print_workers(workers, _enrollments(state_dir))
     if not state:
         click.echo("No run has published its state yet.")
         return
@@ -421,7 +422,10 @@ def list_workers(as_json: bool = False, state_dir: Path | None = None, broker_ur
 
     client = _connect(broker_url or broker_url_from_env(), store_url)
     live = client.live_workers()
-    enrollments = _enrollments(state_dir or state_dir_from_env())
+    state_dir = state_dir or state_dir_from_env()
+    enrollments = _enrollments(state_dir)
+    if not enrollments and not as_json:
+        click.echo(f"No worker is enrolled in {state_dir}; pass the orchestrator's --state-dir or enroll workers.")
     if as_json:
         names = sorted(set(live) | set(enrollments))
         click.echo(json.dumps({name: {"heartbeat": live.get(name),
@@ -435,16 +439,17 @@ def list_workers(as_json: bool = False, state_dir: Path | None = None, broker_ur
 @click.argument("name")
 @click.argument("public_key")
 @click.option("--owner", required=True, help="Owner label; workers of one owner count once toward a quorum.")
+@click.option("--reinstate", is_flag=True, help="Enroll a revoked or quarantined worker again and clear its strikes.")
 @state_dir_option
-def enroll_worker(name: str, public_key: str, owner: str, state_dir: Path) -> None:
+def enroll_worker(name: str, public_key: str, owner: str, reinstate: bool, state_dir: Path) -> None:
     """Enroll worker NAME (its full node name, e.g. alice@host) with its base64 PUBLIC_KEY."""
     from orchestrator.registry import Registry, RegistryError
     from protocol.crypto import CryptoError, key_id
 
     try:
-        Registry(state_dir).enroll(name, public_key, owner)
+        Registry(state_dir).enroll(name, public_key, owner, reinstate=reinstate)
     except (RegistryError, CryptoError) as error:
-        raise click.BadParameter(str(error)) from None
+        raise click.ClickException(str(error)) from None
     click.echo(f"enrolled {name} (owner {owner}, key {key_id(public_key)}) in {state_dir}")
 
 
@@ -458,7 +463,7 @@ def revoke_worker(name: str, state_dir: Path) -> None:
     try:
         Registry(state_dir).revoke(name)
     except RegistryError as error:
-        raise click.BadParameter(str(error)) from None
+        raise click.ClickException(str(error)) from None
     click.echo(f"revoked {name}")
 
 
@@ -476,13 +481,13 @@ def audit(run_dir: Path, state_dir: Path) -> None:
         key = parse_public_key(public["signing_key"])
     except (OSError, ValueError, KeyError) as error:
         raise click.ClickException(f"cannot load the orchestrator's public key from {state_dir / PUBLIC_FILE}: "
-                                   f"{error}; pass --state-dir") from None
+                                   f"{error}; pass the orchestrator's state directory with --state-dir") from None
     report = audit_ledger(run_dir, key)
     if not report.ok:
         raise click.ClickException(f"ledger of {run_dir} is broken: {report.error} "
                                    f"({report.entries} entries before it verified)")
-    click.echo(f"ledger of {run_dir} verified: {report.entries} entries, {report.epochs} epochs, "
-               f"final digest {report.final_digest}")
+    ending = f"final digest {report.final_digest}" if report.outcome == "finished" else "the run failed"
+    click.echo(f"ledger of {run_dir} verified: {report.entries} entries, {report.epochs} epochs, {ending}")
 
 
 @main.command()

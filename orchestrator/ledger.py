@@ -61,6 +61,7 @@ class AuditReport:
     epochs: int
     final_digest: str | None
     error: str | None  # the first break, or None when the ledger is intact
+    outcome: str | None = None  # "finished" or "failed", from the ledger's closing entry
 
     @property
     def ok(self) -> bool:
@@ -74,25 +75,29 @@ class _Break(Exception):
 def audit(run_dir: Path, orchestrator_key: Ed25519PublicKey) -> AuditReport:
     """Verify the chain, the orchestrator's signature on every entry and every voter's signed result."""
     path = Path(run_dir) / LEDGER_FILE
-    state = {"entries": 0, "epochs": 0, "final": None, "quorum": None, "base": None, "epoch": None, "keys": {}}
+    state = {"entries": 0, "epochs": 0, "final": None, "quorum": None, "base": None, "epoch": None, "keys": {},
+             "outcome": None}
     try:
         if not path.exists():
-            raise _Break(f"{path} does not exist")
+            raise _Break(f"{run_dir} is not a run directory: it has no {LEDGER_FILE}")
         prev = GENESIS
         for number, line in enumerate(path.read_text().splitlines()):
             try:
                 entry = json.loads(line)
             except ValueError:
                 raise _Break(f"entry {number}: not valid JSON") from None
+            if state["outcome"] is not None:
+                raise _Break(f"entry {number}: follows the run's closing entry")
             _check_chain(entry, number, prev, orchestrator_key)
             _check_entry(entry, state, Path(run_dir))
             prev = entry["hash"]
             state["entries"] += 1
-        if state["entries"] == 0:
-            raise _Break("the ledger is empty")
+        if state["outcome"] is None:
+            raise _Break(f"the ledger ends after entry {state['entries'] - 1} without run_finished or run_failed: "
+                         f"it was cut short, or the run has not ended")
     except _Break as error:
-        return AuditReport(state["entries"], state["epochs"], state["final"], str(error))
-    return AuditReport(state["entries"], state["epochs"], state["final"], None)
+        return AuditReport(state["entries"], state["epochs"], state["final"], str(error), state["outcome"])
+    return AuditReport(state["entries"], state["epochs"], state["final"], None, state["outcome"])
 
 
 def _check_chain(entry: dict, number: int, prev: str, orchestrator_key: Ed25519PublicKey) -> None:
@@ -126,7 +131,16 @@ def _check_entry(entry: dict, state: dict, run_dir: Path) -> None:
             if state_dict_digest(decode(weights.read_bytes(), model_spec())) != data["weights_digest"]:
                 raise _Break(f"entry {number}: {weights.name} does not hash to the recorded digest")
     elif kind == "run_finished":
-        state["final"] = data["final_digest"]
+        state["final"], state["outcome"] = data["final_digest"], "finished"
+        final = run_dir / "final.safetensors"
+        if not final.exists():
+            raise _Break(f"entry {number}: the run finished but final.safetensors is missing")
+        from model.weights import decode, model_spec, state_dict_digest
+
+        if state_dict_digest(decode(final.read_bytes(), model_spec())) != data["final_digest"]:
+            raise _Break(f"entry {number}: final.safetensors does not hash to the recorded final digest")
+    elif kind == "run_failed":
+        state["outcome"] = "failed"
 
 
 def _check_votes(data: dict, state: dict, number: int) -> None:

@@ -67,13 +67,35 @@ class Registry:
             temporary.write_text(json.dumps({"workers": {n: asdict(e) for n, e in sorted(entries.items())}}, indent=2))
             os.replace(temporary, self.path)
 
-    def enroll(self, name: str, public_key: str, owner: str) -> Enrollment:
-        """Enroll a worker name with its public key and owner label; re-enrolling replaces the key."""
+    def enroll(self, name: str, public_key: str, owner: str, *, reinstate: bool = False) -> Enrollment:
+        """Enroll a worker's node name with its public key and owner label.
+
+        Enrolling a name again updates its owner and keeps its record, or starts a new record
+        when the key changes. A revoked or quarantined worker comes back only with `reinstate`,
+        which also clears its strikes. One key may belong to one name only, or a keyholder
+        could vote under several owners.
+        """
         parse_public_key(public_key)  # raises CryptoError on a malformed key
+        if "@" not in name:
+            raise RegistryError(f"invalid worker name {name!r}: use the full node name NAME@HOST that the "
+                                f"worker logs at start (celery -A tasks worker -n NAME@%h)")
         if not owner or len(owner) > 100:
             raise RegistryError(f"invalid owner {owner!r}: use a short non-empty label such as a team or host")
         with self._update() as entries:
-            entries[name] = Enrollment(public_key=public_key, owner=owner, enrolled_at=time.time())
+            holder = next((other for other, e in entries.items() if e.public_key == public_key and other != name), None)
+            if holder is not None:
+                raise RegistryError(f"this public key is already enrolled as {holder} (owner "
+                                    f"{entries[holder].owner}); each worker needs its own key")
+            entry = entries.get(name)
+            if entry is not None and (entry.revoked or entry.quarantined) and not reinstate:
+                state = "revoked" if entry.revoked else "quarantined"
+                raise RegistryError(f"worker {name} is {state}; pass --reinstate to enroll it again")
+            if entry is None or entry.public_key != public_key:
+                entries[name] = Enrollment(public_key=public_key, owner=owner, enrolled_at=time.time())
+            else:
+                entry.owner = owner
+                if reinstate:
+                    entry.revoked, entry.quarantined, entry.strikes = False, False, 0
             return entries[name]
 
     def revoke(self, name: str) -> None:

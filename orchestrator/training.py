@@ -205,6 +205,7 @@ def run_training(
             )
             epoch += 1
     except BaseException as error:
+        ledger.append("run_failed", {"error": str(error) or type(error).__name__})
         status.update(state="failed", error=str(error) or type(error).__name__, updated_at=time.time())
         directory.write_state(status)
         client.publish_status(status)

@@ -56,7 +56,7 @@ def clean_standing(attacked_farm, attacked_client):
         attacked_client.redis.delete(key)
     for name, owner in OWNERS.items():
         key = load_private_key(attacked_farm.worker_key(name))
-        attacked_farm.registry.enroll(attacked_farm.node(name), public_key_text(key), owner)
+        attacked_farm.registry.enroll(attacked_farm.node(name), public_key_text(key), owner, reinstate=True)
 
 
 @pytest.fixture(scope="module")

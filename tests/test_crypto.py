@@ -129,6 +129,38 @@ def test_registry_enroll_and_revoke(tmp_path, key):
     assert not entry.eligible
 
 
+def test_registry_rejects_shared_key(tmp_path, key):
+    registry = Registry(tmp_path)
+    registry.enroll("w1@host", public_key_text(key), "alice")
+    with pytest.raises(RegistryError, match="already enrolled as w1@host"):
+        registry.enroll("w2@host", public_key_text(key), "bob")
+
+
+def test_registry_rejects_name_without_host(tmp_path, key):
+    with pytest.raises(RegistryError, match="use the full node name NAME@HOST"):
+        Registry(tmp_path).enroll("carol", public_key_text(key), "alice")
+
+
+def test_registry_reinstates_only_when_asked(tmp_path, key):
+    registry = Registry(tmp_path)
+    registry.enroll("w1@host", public_key_text(key), "alice")
+    registry.revoke("w1@host")
+    with pytest.raises(RegistryError, match="worker w1@host is revoked; pass --reinstate"):
+        registry.enroll("w1@host", public_key_text(key), "alice")
+    registry.enroll("w1@host", public_key_text(key), "alice", reinstate=True)
+    assert registry.load()["w1@host"].eligible
+
+
+def test_registry_keeps_record_on_owner_change(tmp_path, key):
+    registry = Registry(tmp_path)
+    registry.enroll("w1@host", public_key_text(key), "alice")
+    registry.record_valid(["w1@host"])
+    registry.enroll("w1@host", public_key_text(key), "team-a")
+    entry = registry.load()["w1@host"]
+    assert entry.owner == "team-a"
+    assert entry.valid_results == 1
+
+
 def test_registry_rejects_bad_key(tmp_path):
     with pytest.raises(CryptoError, match="not valid base64"):
         Registry(tmp_path).enroll("w1@host", "not a key!", "alice")

@@ -334,3 +334,37 @@ def test_export_rejects_missing_epoch(honest_run, tmp_path):
                                        str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1
     assert "epoch 9 did not finish in this run" in result.output
+
+
+def test_audit_detects_truncated_ledger(farm, honest_run, tmp_path):
+    result = audit_output(tampered_copy(honest_run.run_dir, tmp_path, lambda lines: lines.pop()), farm.state_dir)
+    assert result.exit_code == 1
+    assert "without run_finished or run_failed: it was cut short" in result.output
+
+
+def test_audit_detects_swapped_final_weights(farm, honest_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "swapped-final"
+    shutil.copytree(honest_run.run_dir, copy)
+    shutil.copy(copy / "weights" / "epoch-0001.safetensors", copy / "final.safetensors")
+    result = audit_output(copy, farm.state_dir)
+    assert result.exit_code == 1
+    assert "final.safetensors does not hash to the recorded final digest" in result.output
+
+
+def test_audit_accepts_failed_run(farm, client, data_root, tmp_path):
+    from orchestrator.errors import StaffingError
+
+    with pytest.raises(StaffingError):
+        train(farm, client, tmp_path / "failed", data_root, replicas=4, quorum=2, worker_wait=1.0)
+    result = audit_output(tmp_path / "failed", farm.state_dir)
+    assert result.exit_code == 0, result.output
+    assert "the run failed" in result.output
+
+
+def test_status_shows_enrollment(farm, honest_run):
+    result = CliRunner().invoke(main, ["status", "--broker-url", farm.broker_url, "--state-dir", str(farm.state_dir)])
+    assert result.exit_code == 0
+    assert result.output.count(" enrolled ") == 3
+    assert "unenrolled" not in result.output
