@@ -469,6 +469,26 @@ def revoke_worker(name: str, state_dir: Path) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-v", "--verbose", is_flag=True, help="Log each replica as it is issued.")
+@state_dir_option
+@connection_options
+def resume(run_dir: Path, verbose: bool, state_dir: Path, broker_url: str, store_url: str | None) -> None:
+    """Continue a stopped run from its last aggregated epoch, with the settings in RUN_DIR/run.json."""
+    from orchestrator.training import resume_training
+    from protocol.crypto import CryptoError
+
+    _configure_logging(verbose)
+    client = _connect(broker_url, store_url)
+    try:
+        result = resume_training(client=client, run_dir=run_dir, state_dir=state_dir,
+                                 progress_factory=_progress_factory())
+    except (FileExistsError, FileNotFoundError, ValueError, CryptoError) as error:
+        raise click.ClickException(str(error)) from None
+    _report(result)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @state_dir_option
 def audit(run_dir: Path, state_dir: Path) -> None:
     """Verify RUN_DIR's ledger: hash chain, orchestrator signatures, every vote; report the first break."""

@@ -42,6 +42,21 @@ class Ledger:
         self.seq = 0
         self.prev = GENESIS
 
+    @classmethod
+    def reopen(cls, run_dir: Path, key: Ed25519PrivateKey) -> tuple[Ledger, list[dict]]:
+        """Continue an existing ledger after verifying its chain; return it with its entries."""
+        ledger = cls(run_dir, key)
+        entries = []
+        for number, line in enumerate(ledger.path.read_text().splitlines()):
+            entry = json.loads(line)
+            try:
+                _check_chain(entry, number, ledger.prev, key.public_key())
+            except _Break as error:
+                raise ValueError(f"ledger {ledger.path} is broken: {error}") from None
+            entries.append(entry)
+            ledger.seq, ledger.prev = number + 1, entry["hash"]
+        return ledger, entries
+
     def append(self, kind: str, data: dict) -> dict:
         entry = {"seq": self.seq, "prev": self.prev, "kind": kind, "time": time.time(), "data": data}
         entry["hash"] = entry_hash(entry)
@@ -86,7 +101,7 @@ def audit(run_dir: Path, orchestrator_key: Ed25519PublicKey) -> AuditReport:
                 entry = json.loads(line)
             except ValueError:
                 raise _Break(f"entry {number}: not valid JSON") from None
-            if state["outcome"] is not None:
+            if state["outcome"] == "finished" or (state["outcome"] == "failed" and entry.get("kind") != "run_resumed"):
                 raise _Break(f"entry {number}: follows the run's closing entry")
             _check_chain(entry, number, prev, orchestrator_key)
             _check_entry(entry, state, Path(run_dir))
@@ -141,6 +156,8 @@ def _check_entry(entry: dict, state: dict, run_dir: Path) -> None:
             raise _Break(f"entry {number}: final.safetensors does not hash to the recorded final digest")
     elif kind == "run_failed":
         state["outcome"] = "failed"
+    elif kind == "run_resumed":
+        state["outcome"] = None
 
 
 def _check_votes(data: dict, state: dict, number: int) -> None:

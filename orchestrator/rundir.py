@@ -51,10 +51,19 @@ class RunDirectory:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def epoch_weights_path(self, epoch: int) -> Path:
+        return self.path / "weights" / f"epoch-{epoch:04d}.safetensors"
+
     def save_epoch_weights(self, epoch: int, state_dict: StateDict) -> Path:
         name = f"weights/epoch-{epoch:04d}.safetensors"
         self._write_bytes(name, encode(state_dict))
         return self.path / name
+
+    def read_config(self) -> dict:
+        path = self.path / "run.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{self.path} is not a run directory: it has no run.json")
+        return json.loads(path.read_text())
 
     def save_final(self, state_dict: StateDict) -> Path:
         self._write_bytes("final.safetensors", encode(state_dict))

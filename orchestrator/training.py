@@ -18,7 +18,7 @@ from model.aggregate import weighted_average
 from model.data import data_digest, load_images, segment_images, segment_size, to_inputs
 from model.network import initial_state_dict
 from model.training import configure_torch, evaluate, reconstruct
-from model.weights import encode, model_spec, state_dict_digest
+from model.weights import decode, encode, model_spec, state_dict_digest
 from orchestrator.client import FarmClient
 from orchestrator.epoch import EpochOutcome, EpochRunner
 from orchestrator.identity import OrchestratorIdentity
@@ -73,6 +73,38 @@ def _epoch_record(epoch: int, outcome: EpochOutcome, sizes: list[int], digest: s
     }
 
 
+@dataclass
+class _Run:
+    """What the epoch loop of a new or resumed run works with."""
+
+    client: FarmClient
+    training: TrainingSettings
+    farm: FarmSettings
+    epochs: int
+    run_id: str
+    directory: RunDirectory
+    ledger: Ledger
+    identity: OrchestratorIdentity
+    registry: Registry
+    segments: list[torch.Tensor]
+    data_digests: list[str]
+    sizes: list[int]
+    test_images: torch.Tensor
+    initial_test_loss: float
+
+
+def _prepare_data(training: TrainingSettings, data_root: Path, download: bool):
+    """Return each segment's images, their digests and sizes, and the test images."""
+    images = load_images(str(data_root), training.dataset, train=True, download=download)
+    if training.subset:
+        images = images[: training.subset]
+    segments = [segment_images(images, training.segments, k) for k in range(training.segments)]
+    data_digests = [data_digest(training.dataset, training.segments, k, part) for k, part in enumerate(segments)]
+    sizes = [segment_size(images.shape[0], training.segments, k) for k in range(training.segments)]
+    test_images = load_images(str(data_root), training.dataset, train=False, download=download)
+    return segments, data_digests, sizes, test_images
+
+
 def run_training(
     *,
     client: FarmClient,
@@ -96,14 +128,7 @@ def run_training(
     configure_torch(1)  # the orchestrator's own math is light; leave the cores to the workers
     progress_factory = progress_factory or (lambda epoch: Progress())
 
-    # Data: segment digests and sizes for the jobs, the test set for evaluation.
-    images = load_images(str(data_root), training.dataset, train=True, download=download)
-    if training.subset:
-        images = images[: training.subset]
-    segments = [segment_images(images, training.segments, k) for k in range(training.segments)]
-    data_digests = [data_digest(training.dataset, training.segments, k, part) for k, part in enumerate(segments)]
-    sizes = [segment_size(images.shape[0], training.segments, k) for k in range(training.segments)]
-    test_images = load_images(str(data_root), training.dataset, train=False, download=download)
+    segments, data_digests, sizes, test_images = _prepare_data(training, data_root, download)
 
     # Run directory and initial weights.
     state = initial_state_dict(training.seed)
@@ -135,8 +160,22 @@ def run_training(
                 "run directory %s", run_id, epochs, training.segments, farm.replicas, farm.quorum,
                 base_digest[:12], initial_test_loss, run_dir)
 
-    status = {"run_id": run_id, "run_dir": str(Path(run_dir).resolve()), "epochs": epochs,
-              "state": "waiting for workers", "epoch": 0, "updated_at": time.time()}
+    run = _Run(client=client, training=training, farm=farm, epochs=epochs, run_id=run_id, directory=directory,
+               ledger=ledger, identity=identity, registry=registry, segments=segments, data_digests=data_digests,
+               sizes=sizes, test_images=test_images, initial_test_loss=initial_test_loss)
+    return _train_epochs(run, state=state, base_digest=base_digest, first_epoch=1,
+                         progress_factory=progress_factory, placement_rng=placement_rng)
+
+
+def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
+                  progress_factory: Callable[[int], Progress], placement_rng: random.Random | None) -> RunResult:
+    """Run epochs `first_epoch`..`run.epochs` from `state`, then write the final outputs."""
+    client, training, farm, epochs, run_id = run.client, run.training, run.farm, run.epochs, run.run_id
+    directory, ledger, identity, registry = run.directory, run.ledger, run.identity, run.registry
+    segments, data_digests, sizes, test_images = run.segments, run.data_digests, run.sizes, run.test_images
+    initial_test_loss = run.initial_test_loss
+    status = {"run_id": run_id, "run_dir": str(directory.path.resolve()), "epochs": epochs,
+              "state": "waiting for workers", "epoch": first_epoch - 1, "updated_at": time.time()}
     directory.write_state(status)
     client.publish_status(status)
 
@@ -160,8 +199,9 @@ def run_training(
                          rng=placement_rng)
     try:
         epoch_started = time.monotonic()
-        runner.start_epoch(1, base_digest)
-        epoch = 1
+        epoch = first_epoch
+        if epoch <= epochs:
+            runner.start_epoch(epoch, base_digest)
         while epoch <= epochs:
             progress = progress_factory(epoch)
             try:
@@ -225,3 +265,78 @@ def run_training(
     logger.info("run %s finished: final weights %s in %s", run_id, base_digest[:12], directory.path / "final.safetensors")
     return RunResult(run_id=run_id, run_dir=directory.path, final_digest=base_digest,
                      initial_test_loss=initial_test_loss, metrics=metrics)
+
+
+def _accepted_segments(entries: list[dict], epoch: int) -> list[dict]:
+    """Return the segment_accepted data of the last attempt at `epoch` that reached its aggregate."""
+    current, accepted = None, []
+    for entry in entries:
+        if entry["kind"] == "epoch_started":
+            current = entry["data"]["epoch"]
+            if current == epoch:
+                accepted = []
+        elif entry["kind"] == "segment_accepted" and current == epoch:
+            accepted.append(entry["data"])
+        elif entry["kind"] == "epoch_aggregated" and entry["data"]["epoch"] == epoch:
+            return accepted
+    return accepted
+
+
+def resume_training(
+    *,
+    client: FarmClient,
+    run_dir: Path,
+    state_dir: Path,
+    progress_factory: Callable[[int], Progress] | None = None,
+    placement_rng: random.Random | None = None,
+) -> RunResult:
+    """Continue a stopped run from its last aggregated epoch, with the settings in its run.json.
+
+    The ledger and the epoch's weights file must agree; the interrupted epoch runs again from its
+    base weights, which gives the same bits as an uninterrupted run.
+    """
+    directory = RunDirectory(run_dir)
+    config = directory.read_config()
+    training = TrainingSettings.from_dict(config["training"])
+    farm = FarmSettings(**config["farm"]).validate()
+    identity = OrchestratorIdentity.load(state_dir)
+    ledger, entries = Ledger.reopen(directory.path, identity.signing)
+    if entries and entries[-1]["kind"] == "run_finished":
+        raise FileExistsError(f"run {config['run_id']} in {run_dir} already finished; nothing to resume")
+
+    # The last epoch whose aggregate reached the ledger, and its weights from disk.
+    aggregated = [entry["data"] for entry in entries if entry["kind"] == "epoch_aggregated"]
+    last_epoch = aggregated[-1]["epoch"] if aggregated else 0
+    expected = aggregated[-1]["weights_digest"] if aggregated else config["initial_weights_digest"]
+    state = decode(directory.epoch_weights_path(last_epoch).read_bytes(), model_spec())
+    base_digest = state_dict_digest(state)
+    if base_digest != expected:
+        raise ValueError(f"weights of epoch {last_epoch} hash to {base_digest[:16]}, the ledger records "
+                         f"{expected[:16]}; check the run with: orchestrator audit {run_dir}")
+    configure_torch(1)
+    client.store.put(base_weights_key(base_digest), encode(state))
+    segments, data_digests, sizes, test_images = _prepare_data(training, Path(config["data_root"]), False)
+    if data_digests != config["data_digests"]:
+        raise ValueError(f"the data under {config['data_root']} differs from the run's; point the run at its data")
+
+    # An epoch aggregated just before the stop may miss its metrics line; write it from the ledger.
+    recorded = {record["epoch"] for record in directory.read_metrics()}
+    if last_epoch and last_epoch not in recorded:
+        accepted = _accepted_segments(entries, last_epoch)
+        directory.append_metrics({
+            "epoch": last_epoch, "weights_digest": base_digest, "test_loss": evaluate(state, test_images),
+            "train_loss": sum(a["loss"] * sizes[a["segment"]] for a in accepted) / sum(sizes),
+            "accepted": len(accepted), "segments": training.segments, "finished_at": time.time(),
+            "recovered_from_ledger": True,
+        })
+    ledger.append("run_resumed", {"from_epoch": last_epoch + 1, "base_digest": base_digest})
+    logger.info("run %s resumes at epoch %d from weights %s", config["run_id"], last_epoch + 1, base_digest[:12])
+
+    registry = Registry(state_dir, max_strikes=farm.max_strikes)
+    run = _Run(client=client, training=training, farm=farm, epochs=config["epochs"], run_id=config["run_id"],
+               directory=directory, ledger=ledger, identity=identity, registry=registry, segments=segments,
+               data_digests=data_digests, sizes=sizes, test_images=test_images,
+               initial_test_loss=config["initial_test_loss"])
+    return _train_epochs(run, state=state, base_digest=base_digest, first_epoch=last_epoch + 1,
+                         progress_factory=progress_factory or (lambda epoch: Progress()),
+                         placement_rng=placement_rng)

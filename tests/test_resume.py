@@ -1,0 +1,86 @@
+"""A run whose orchestrator is killed mid-run resumes and ends with the uninterrupted run's digest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.local import PROJECT_ROOT
+from orchestrator.training import resume_training
+from tests.farmrun import SUBSET, train
+
+EPOCHS = 3
+
+
+def start_cli_run(farm, run_dir, data_root) -> subprocess.Popen:
+    """Start `orchestrator run` with the test settings as its own process, as an operator would."""
+    command = [sys.executable, "-m", "orchestrator", "run", "--epochs", str(EPOCHS), "--subset", str(SUBSET),
+               "--seed", "3", "--max-strikes", "1000", "--job-timeout", "120", "--run-dir", str(run_dir),
+               "--data-root", str(data_root), "--no-download", "--state-dir", str(farm.state_dir),
+               "--broker-url", farm.broker_url]
+    return subprocess.Popen(command, cwd=PROJECT_ROOT, env=farm.environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_ledger(run_dir, kind: str, epoch: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    ledger = run_dir / "ledger.jsonl"
+    while time.monotonic() < deadline:
+        if ledger.exists():
+            for line in ledger.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["kind"] == kind and entry["data"].get("epoch") == epoch:
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"no {kind} entry for epoch {epoch} in {ledger} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(farm, client, data_root, tmp_path_factory):
+    return train(farm, client, tmp_path_factory.mktemp("uninterrupted") / "run", data_root, epochs=EPOCHS)
+
+
+def test_killed_orchestrator_resumes_to_same_digest(farm, client, data_root, tmp_path, uninterrupted):
+    run_dir = tmp_path / "killed"
+    process = start_cli_run(farm, run_dir, data_root)
+    try:
+        wait_for_ledger(run_dir, "epoch_started", 2)  # epoch 1 is aggregated, epoch 2 is out on the farm
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    result = resume_training(client=client, run_dir=run_dir, state_dir=farm.state_dir)
+
+    assert result.final_digest == uninterrupted.final_digest
+    assert [record["epoch"] for record in result.metrics] == [1, 2, 3]
+    audit = CliRunner().invoke(main, ["audit", str(run_dir), "--state-dir", str(farm.state_dir)])
+    assert audit.exit_code == 0, audit.output
+
+
+def test_resume_of_finished_run_refused(farm, uninterrupted):
+    result = CliRunner().invoke(main, ["resume", str(uninterrupted.run_dir), "--state-dir", str(farm.state_dir),
+                                       "--broker-url", farm.broker_url])
+    assert result.exit_code == 1
+    assert "already finished; nothing to resume" in result.output
+
+
+def test_resume_after_failure_completes(farm, client, data_root, tmp_path, uninterrupted):
+    from orchestrator.errors import StaffingError
+
+    run_dir = tmp_path / "failed"
+    with pytest.raises(StaffingError):
+        train(farm, client, run_dir, data_root, epochs=EPOCHS, replicas=4, quorum=2, worker_wait=1.0)
+    config = json.loads((run_dir / "run.json").read_text())
+    config["farm"]["replicas"] = 2  # the operator fixes the cause, then resumes
+    (run_dir / "run.json").write_text(json.dumps(config))
+
+    result = resume_training(client=client, run_dir=run_dir, state_dir=farm.state_dir)
+    assert result.final_digest == uninterrupted.final_digest
