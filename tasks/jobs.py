@@ -29,6 +29,8 @@ from tasks.identity import IdentityError, numerical_environment, orchestrator_ke
 logger = get_task_logger(__name__)
 
 RESULTS_PREFIX = "farm:results:"
+HEALTH_PREFIX = "farm:worker-health:"  # problems found while running a job, shown in the heartbeat
+HEALTH_TTL = 600  # seconds a reported problem marks the worker unhealthy unless it recurs
 
 
 class JobRejected(Exception):
@@ -106,6 +108,17 @@ def _train(job: Job, worker: str, started: float) -> Result:
     )
 
 
+def _claim(job: Job, worker: str) -> bool:
+    """Mark the assignment as executed; return False when an earlier delivery already ran it."""
+    ttl = max(60, int(job.expires_at - time.time()) + 3600)
+    return bool(_redis().set(f"farm:executed:{job.assignment_id}", worker, nx=True, ex=ttl))
+
+
+def _record_health(worker: str, problem: str) -> None:
+    """Tell the heartbeat, which runs in the parent process, that this worker cannot serve."""
+    _redis().set(f"{HEALTH_PREFIX}{worker}", problem, ex=HEALTH_TTL)
+
+
 def _parse(message: object, worker: str) -> Job:
     try:
         job = Job.from_message(message)
@@ -135,6 +148,10 @@ def train_segment_job(self, message: dict) -> dict:
     except (JobRejected, IdentityError) as error:
         logger.warning("rejected job %s: %s", self.request.id, error)
         raise JobRejected(str(error)) from None
+    if not _claim(job, worker):
+        logger.warning("skipped assignment %s: it was delivered again (Redis redelivers unacknowledged "
+                       "messages after the visibility timeout) and has already run", job.assignment_id)
+        return {"assignment_id": job.assignment_id, "status": "duplicate delivery"}
     logger.info(
         "job started: run %s epoch %d segment %d assignment %s base %s",
         job.run_id, job.epoch, job.segment, job.assignment_id, job.base_digest[:12],
@@ -150,6 +167,8 @@ def train_segment_job(self, message: dict) -> dict:
             reason = "timed out: soft time limit reached"
         elif isinstance(error, (DatasetError, StoreError, WeightsError, SettingsError)):
             reason = str(error)
+            if isinstance(error, (DatasetError, StoreError)):
+                _record_health(worker, reason)
         else:
             reason = f"internal error: {type(error).__name__}: {error}"
             logger.exception("job %s raised an unexpected error", job.assignment_id)

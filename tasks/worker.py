@@ -20,6 +20,7 @@ from protocol.heartbeat import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, heartbeat_key
 from protocol.messages import worker_queue
 from tasks.app import app
 from tasks.identity import orchestrator_keys, worker_public_key
+from tasks.jobs import HEALTH_PREFIX
 
 logger = get_logger(__name__)
 
@@ -121,6 +122,12 @@ class Heartbeat(bootsteps.StartStopStep):
             self.store.ping()
         except redis.RedisError as error:
             health = f"unhealthy: cannot reach the weights store: {error}"
+        try:
+            problem = self.client.get(f"{HEALTH_PREFIX}{parent.hostname}")
+        except redis.RedisError:
+            problem = None
+        if problem and health == "ok":
+            health = f"unhealthy: {problem.decode()}"
         record = {
             "worker": parent.hostname,
             "public_key": self.public_key,

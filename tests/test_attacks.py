@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 
 import pytest
 
@@ -23,7 +24,7 @@ from orchestrator.local import LocalFarm
 from protocol.crypto import load_private_key, parse_public_key, public_key_text
 from protocol.envelope import seal_result, sign_result
 from protocol.messages import Result, loss_bits
-from tests.attackers.worker import ATTACK_MODE_KEY, COPIER_REPORT_KEY, mode_key
+from tests.attackers.worker import ATTACK_MODE_KEY, COPIER_REPORT_KEY, STALLING_KEY, mode_key
 from tests.farmrun import AttackersFirst, train
 
 OWNERS = {"honest1": "honest1", "honest2": "honest2", "mallory": "mallory", "trudy": "trudy",
@@ -302,3 +303,36 @@ def test_dispute_settled_by_orchestrator(attacked_farm, attacked_client, data_ro
     standing = attacked_farm.registry.load()[attacked_farm.node("mallory")]
     assert "outvoted" in standing.strike_reasons[-1]
     assert_ledger_intact(attacked_farm, result.run_dir)
+
+
+
+# --- crashes (last: this test kills and restarts an attacker process) ---------------------
+
+
+def test_killed_worker_replica_reissued(attacked_farm, attacked_client, data_root, tmp_path, honest_run):
+    import threading
+
+    mallory = attacked_farm.node("mallory")
+    attacked_client.redis.set(mode_key(mallory), "stall")
+    attacked_client.redis.delete(STALLING_KEY + mallory)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=train(
+        attacked_farm, attacked_client, tmp_path / "killed", data_root, epochs=1,
+        placement_rng=AttackersFirst("mallory@"))))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while attacked_client.redis.get(STALLING_KEY + mallory) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    attacked_farm.stop_worker(mallory, kill=True)  # mid-job: mallory is asleep inside its task
+    runner.join(timeout=120)
+    attacked_farm.start_worker("mallory", app="tests.attackers.worker")
+    attacked_farm.wait_for_workers(6)
+
+    result = outcome["result"]
+    lost = [entry for entry in result.metrics[0]["failed"] if entry["worker"] == mallory]
+    assert lost
+    assert all(entry["reason"] == "worker lost: its heartbeat expired" for entry in lost)
+    assert result.final_digest == honest_digest(honest_run, 1)
+    accepted = [replica["assignment_id"] for segment in result.metrics[0]["accepted_segments"]
+                for replica in segment["replicas"] if replica["status"] == "ok"]
+    assert len(accepted) == len(set(accepted))  # each assignment counted at most once

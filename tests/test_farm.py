@@ -120,6 +120,13 @@ def test_worker_refuses_dataset_mismatch(client, farm):
     assert result.error.startswith("dataset mismatch: mnist segment 0/2 hashes to")
     assert result.weights_digest == ""
 
+    # The worker now reports itself unhealthy, with the reason, until the problem expires.
+    deadline = time.monotonic() + 10
+    while read_heartbeats(client.redis)[node]["health"] == "ok" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert read_heartbeats(client.redis)[node]["health"].startswith("unhealthy: dataset mismatch")
+    client.redis.delete(f"farm:worker-health:{node}")
+
 
 def test_pickle_message_never_reaches_task(client, farm):
     """A pickle-serialized task on a worker's queue is refused by the JSON-only consumer."""
@@ -368,3 +375,28 @@ def test_status_shows_enrollment(farm, honest_run):
     assert result.exit_code == 0
     assert result.output.count(" enrolled ") == 3
     assert "unenrolled" not in result.output
+
+
+def test_redelivered_job_runs_once(client, farm):
+    """A job delivered twice, as Redis does after the visibility timeout, trains and replies once."""
+    from orchestrator.identity import OrchestratorIdentity
+    from protocol.envelope import sign_job
+
+    node = sorted(farm.workers)[0]
+    state = initial_state_dict(0)
+    digest = state_dict_digest(state)
+    client.store.put(base_weights_key(digest), encode(state))
+    now = time.time()
+    job = sign_job(Job(run_id="twice", epoch=1, segment=0, assignment_id="dd" * 16, worker=node,
+                       base_digest=digest, data_digest="0" * 64, training=TrainingSettings(subset=2000).to_dict(),
+                       reply_to="farm:results:twice", issued_at=now, expires_at=now + 60),
+                   OrchestratorIdentity.load(farm.state_dir).signing)
+    client.send(job, time_limit=60, expires_in=60)
+    assert client.redis.blpop(["farm:results:twice"], timeout=30) is not None
+    client.send(job, time_limit=60, expires_in=60)
+
+    assert client.redis.blpop(["farm:results:twice"], timeout=5) is None
+    log = worker_log(farm, node)
+    assert log.count(f"assignment {'dd' * 16} base") == 1  # one "job started" line
+    assert f"skipped assignment {'dd' * 16}: it was delivered again" in log
+    client.redis.delete(f"farm:worker-health:{node}")

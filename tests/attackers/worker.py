@@ -20,6 +20,7 @@ mode_key(worker), or for every attacker at once by setting ATTACK_MODE_KEY:
     sybil        also send the result signed by a second identity of the same owner (FARM_SYBIL_KEY)
     copier       read everything in Redis while a peer's replica is done, and record what it learned
     silent       train but never reply, like a worker that hangs
+    stall        sleep a minute before training, so a test can kill the worker mid-job
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tasks.identity import orchestrator_keys, worker_key
 ATTACK_MODE_KEY = "test:attack-mode"
 COPIER_REPORT_KEY = "test:copier-report"
 LAST_SEALED_KEY = "test:last-sealed:"
+STALLING_KEY = "test:stalling:"
 
 app.tasks.unregister(TASK_NAME)
 
@@ -134,6 +136,9 @@ def lying_train_segment(self, message: dict) -> dict:
     client = jobs._redis()
     raw_mode = client.get(mode_key(worker)) or client.get(ATTACK_MODE_KEY) or b"honest"
     mode = raw_mode.decode()
+    if mode == "stall":
+        client.set(STALLING_KEY + worker, job.assignment_id)
+        time.sleep(60)
 
     honest = jobs._train(job, worker, started)
     result = honest
