@@ -47,7 +47,12 @@ def celery_settings(broker_url: str) -> dict:
         # Redelivery of unacknowledged jobs; the orchestrator counts each assignment once anyway.
         "broker_transport_options": {"visibility_timeout": 2 * TASK_TIME_LIMIT},
         "broker_connection_retry_on_startup": True,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_max_retries": None,  # keep reconnecting through a Redis restart
+        # Publishing a job survives a Redis restart of about a minute.
+        "task_publish_retry_policy": {"max_retries": 60, "interval_start": 0.2, "interval_step": 0.5,
+                                      "interval_max": 2.0},
+        # A job keeps running through a broker restart; its reply retries until Redis is back.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_redirect_stdouts_level": "INFO",
         # Pool children import torch on start, which can take several seconds on a loaded machine.
         "worker_proc_alive_timeout": 60.0,

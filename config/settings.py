@@ -45,12 +45,18 @@ def redis_tls_options() -> dict:
     return options
 
 
-def redis_client(url: str, **options):
-    """Return a redis-py client for `url`, with the TLS settings when the URL is rediss://."""
+REDIS_RETRIES = 40  # with backoff capped at 2 s: rides out a Redis restart of about a minute
+
+
+def redis_client(url: str, *, retries: int = REDIS_RETRIES, **options):
+    """Return a redis-py client for `url` that retries lost connections, with TLS for rediss:// URLs."""
     import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
 
     if url.startswith("rediss://"):
         options = {**redis_tls_options(), **options}
+    options.setdefault("retry", Retry(ExponentialBackoff(cap=2.0, base=0.1), retries))
     return redis.Redis.from_url(url, **options)
 
 

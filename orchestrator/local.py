@@ -204,6 +204,11 @@ class LocalFarm:
                 raise RuntimeError(f"workers did not report within {timeout:.0f} s; see {self.log_dir}")
             time.sleep(0.2)
 
+    def restart_redis(self) -> None:
+        """Stop Redis as a crash would not lose it (its append-only file is kept) and start it again."""
+        _stop(self.redis_process, signal.SIGTERM)
+        self.start_redis()
+
     def stop_worker(self, node: str, *, kill: bool = False) -> None:
         process = self.workers.pop(node)
         _stop(process, signal.SIGKILL if kill else signal.SIGTERM)

@@ -75,8 +75,9 @@ class Heartbeat(bootsteps.StartStopStep):
         logger.info("worker %s has public key %s; the operator enrolls it with: orchestrator workers enroll "
                     "%s %s --owner OWNER", parent.hostname, self.public_key, parent.hostname, self.public_key)
         # Heartbeats go where the orchestrator reads them, the broker; the store is only checked.
-        self.client = redis_client(broker_url_from_env(), socket_timeout=5)
-        self.store = redis_client(store_url_from_env(), socket_timeout=5)
+        # Few retries: a heartbeat must not block the worker's event loop while Redis is away.
+        self.client = redis_client(broker_url_from_env(), socket_timeout=5, retries=1)
+        self.store = redis_client(store_url_from_env(), socket_timeout=5, retries=1)
         self.claim_name(parent.hostname)
         root = data_root_from_env()
         if not any(dataset_health(root).values()):

@@ -1,4 +1,5 @@
-"""A run whose orchestrator is killed mid-run resumes and ends with the uninterrupted run's digest."""
+"""Crashes mid-run: a killed orchestrator resumes, a restarted Redis is ridden out, and both runs end
+with the uninterrupted run's digest."""
 
 from __future__ import annotations
 
@@ -84,3 +85,20 @@ def test_resume_after_failure_completes(farm, client, data_root, tmp_path, unint
 
     result = resume_training(client=client, run_dir=run_dir, state_dir=farm.state_dir)
     assert result.final_digest == uninterrupted.final_digest
+
+
+def test_redis_restart_mid_run(farm, client, data_root, tmp_path, uninterrupted):
+    import threading
+
+    run_dir = tmp_path / "redis-restart"
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=train(farm, client, run_dir, data_root,
+                                                                         epochs=EPOCHS)))
+    runner.start()
+    wait_for_ledger(run_dir, "epoch_started", 2)
+    farm.restart_redis()  # the append-only file brings back queues, replies, blobs and heartbeats
+    runner.join(timeout=300)
+
+    assert "result" in outcome, "the run did not complete after the Redis restart"
+    assert outcome["result"].final_digest == uninterrupted.final_digest
+    farm.wait_for_workers(3)  # every worker reconnected
