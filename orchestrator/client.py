@@ -21,14 +21,15 @@ class FarmClient:
     """Send jobs to named workers, read their replies and heartbeats, publish run status."""
 
     def __init__(self, broker_url: str, store_url: str) -> None:
+        self.broker_url = broker_url
         self.app = Celery("farm")
         self.app.conf.update(celery_settings(broker_url))
         self.redis = redis_client(broker_url, socket_timeout=30, health_check_interval=10)
         self.store = RedisWeightStore(store_url)
 
     def ping(self) -> None:
-        """Raise redis.RedisError when the broker cannot be reached."""
-        self.redis.ping()
+        """Raise redis.RedisError at once when the broker cannot be reached (no retries)."""
+        redis_client(self.broker_url, retries=0, socket_connect_timeout=5).ping()
 
     def live_workers(self) -> dict[str, dict]:
         return read_heartbeats(self.redis)
