@@ -146,6 +146,7 @@ class FarmSettings:
     max_strikes: int = 3  # strikes (outvoted or rejected results) before a worker is quarantined
     arbitrate: bool = True  # re-execute a job without a quorum in the orchestrator instead of stopping
     spot_check: float = 0.0  # fraction of accepted segments the orchestrator re-executes to catch collusion
+    straggler_factor: float = 3.0  # re-issue a replica running this many median job times; 0 disables
 
     def validate(self) -> FarmSettings:
         """Raise SettingsError for the first invalid field; return self when all are valid."""
@@ -153,6 +154,9 @@ class FarmSettings:
         _require_int("quorum", self.quorum, minimum=1)
         _require_int("max_reissues", self.max_reissues, minimum=0)
         _require_int("max_strikes", self.max_strikes, minimum=1)
+        if not _finite(self.straggler_factor) or self.straggler_factor < 0:
+            raise SettingsError(f"invalid straggler_factor {self.straggler_factor!r}: use 0 (off) or a number "
+                                f"above 1 such as 3", field="straggler_factor")
         if not _finite(self.spot_check) or not 0.0 <= self.spot_check <= 1.0:
             raise SettingsError(f"invalid spot_check {self.spot_check!r}: use a fraction from 0 to 1",
                                 field="spot_check")

@@ -123,6 +123,9 @@ def training_options(command):
                      help="Re-execute a job that reaches no quorum in the orchestrator, instead of stopping."),
         click.option("--spot-check", type=click.FloatRange(0, 1), default=DEFAULTS_FARM.spot_check,
                      show_default=True, help="Fraction of accepted segments the orchestrator re-executes."),
+        click.option("--straggler-factor", type=click.FloatRange(min=0), default=DEFAULTS_FARM.straggler_factor,
+                     show_default=True, help="Re-issue a replica running this many median job times to an idle "
+                                             "worker (0: never)."),
         click.option("--worker-wait", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS_FARM.worker_wait,
                      show_default=True, help="Seconds to wait at each epoch's start for live workers of R distinct owners."),
         click.option("--dataset", type=click.Choice(sorted(DATASETS)), default=DEFAULTS_TRAINING.dataset,
@@ -182,6 +185,7 @@ def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
             replicas=options["replicas"], quorum=options["quorum"], max_reissues=options["max_reissues"],
             job_timeout=options["job_timeout"], worker_wait=options["worker_wait"], max_strikes=options["max_strikes"],
             arbitrate=options["arbitrate"], spot_check=options["spot_check"],
+            straggler_factor=options["straggler_factor"],
         ).validate()
     except SettingsError as error:
         option = OPTION_NAMES.get(error.field, f"--{(error.field or '').replace('_', '-')}")

@@ -61,6 +61,19 @@ class FarmClient:
         """Return the next raw reply on `key` if one is waiting."""
         return self.redis.lpop(key)
 
+    def started_at(self, assignment_ids: list[str]) -> dict[str, float]:
+        """Return when each assignment started on its worker, for those that have started."""
+        if not assignment_ids:
+            return {}
+        claims = self.redis.mget([f"farm:executed:{a}" for a in assignment_ids])
+        started = {}
+        for assignment_id, claim in zip(assignment_ids, claims):
+            try:
+                started[assignment_id] = float(json.loads(claim)["started_at"])
+            except (TypeError, ValueError, KeyError):
+                continue  # not started yet, or a claim this version cannot read
+        return started
+
     def publish_status(self, status: dict) -> None:
         self.redis.set(CURRENT_RUN_KEY, json.dumps(status))
 

@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import secrets
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from protocol.messages import Job, ProtocolError, Result
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_CHECK_INTERVAL = 1.0  # seconds between liveness checks of workers with pending replicas
+STRAGGLER_SAMPLES = 50  # recent job times the straggler threshold is the median of
+STRAGGLER_MIN_SAMPLES = 2
 
 
 @dataclass
@@ -54,6 +57,7 @@ class EpochOutcome:
     rejected: list[RejectedResult] = field(default_factory=list)
     failed: list[RejectedResult] = field(default_factory=list)
     arbitrated: list[int] = field(default_factory=list)  # segments the orchestrator decided by re-execution
+    speculative: int = 0  # replicas issued because another replica of the same job straggled
     accepted_bits: dict[int, str] = field(default_factory=dict)  # segment -> loss bits of the decision
 
 
@@ -136,6 +140,7 @@ class EpochRunner:
         self.ledger = ledger
         self.referee = referee  # None: a segment without a quorum stops the run instead
         self.rng = rng or random.SystemRandom()
+        self._durations: list[float] = []  # worker-reported seconds of recent valid results
         self.client = client
         self.run_id = run_id
         self.training = training
@@ -170,7 +175,7 @@ class EpochRunner:
                 issued_at=now_wall, expires_at=now_wall + budget,
             ), self.identity.signing)
             vote.add(Replica(job.assignment_id, worker, eligible[worker], vote.segment,
-                             issued_at=now_wall, deadline=now + budget))
+                             issued_at=now_wall, deadline=now + budget, queue_depth=queue_depth))
             self.client.send(job, time_limit=self.farm.job_timeout, expires_in=budget)
             pending_load[worker] += 1
             logger.debug("issued segment %d to %s as %s", vote.segment, worker, job.assignment_id)
@@ -191,6 +196,7 @@ class EpochRunner:
         self._failed: list[RejectedResult] = []
         self._reissues = Counter()
         self._arbitrated_losses: dict[int, float] = {}
+        self._speculative = 0
 
         eligible = wait_for_workers(self.client, self.registry, dataset=self.training.dataset,
                                     owners=self.farm.replicas, timeout=self.farm.worker_wait)
@@ -220,6 +226,7 @@ class EpochRunner:
             changed |= self._expire_overdue(now, progress)
             if now >= next_liveness_check:
                 changed |= self._expire_lost_workers(progress)
+                self._speculate(context.epoch, context.base_digest, progress)
                 next_liveness_check = now + HEARTBEAT_CHECK_INTERVAL
             if changed:
                 self._reissue_where_short(context.epoch, context.base_digest, self._reissues, progress)
@@ -271,6 +278,7 @@ class EpochRunner:
             return True
         vote.record_agreeable(replica.assignment_id, result.weights_digest, result.loss, result.loss_bits,
                               signed_result=result.to_message())
+        self._durations = (self._durations + [result.seconds])[-STRAGGLER_SAMPLES:]
         progress.advance()
         return True
 
@@ -367,6 +375,46 @@ class EpochRunner:
             progress.add(issued)
             logger.info("re-issued segment %d of epoch %d to %d more worker(s)", vote.segment, epoch, issued)
 
+    def _speculate(self, epoch: int, base_digest: str, progress: Progress) -> None:
+        """Re-issue replicas running past `straggler_factor` median job times to an idle worker.
+
+        The first valid result counts; the slower replica is revoked when the segment is decided.
+        A replica that has not started yet is timed from when it was issued, against the threshold
+        times the number of jobs that were queued on its worker.
+        """
+        factor = self.farm.straggler_factor
+        if factor <= 0 or len(self._durations) < STRAGGLER_MIN_SAMPLES:
+            return
+        threshold = factor * statistics.median(self._durations)
+        candidates = [(v, r) for v in self._votes.values() if v.decision is None for r in v.pending()
+                      if not r.speculated]
+        if not candidates:
+            return
+        started = self.client.started_at([r.assignment_id for _, r in candidates])
+        now = time.time()
+        busy = {r.worker for v in self._votes.values() for r in v.pending()}
+        eligible = None
+        for vote, replica in candidates:
+            if replica.assignment_id in started:
+                running, limit = now - started[replica.assignment_id], threshold
+            else:
+                running, limit = now - replica.issued_at, threshold * replica.queue_depth
+            if running <= limit:
+                continue
+            eligible = eligible if eligible is not None else self._eligible()
+            idle = {w: o for w, o in eligible.items() if w not in busy}
+            if not self._issue(vote, 1, epoch=epoch, base_digest=base_digest, eligible=idle):
+                continue
+            replica.speculated = True
+            self._speculative += 1
+            progress.add(1)
+            busy |= vote.workers()
+            logger.info("speculatively re-issued segment %d of epoch %d: replica %s on %s has run %.1f s, "
+                        "%.1f times the median job time", vote.segment, epoch, replica.assignment_id,
+                        replica.worker, running, running / statistics.median(self._durations))
+            self.ledger.append("speculative_reissue", {"epoch": epoch, "segment": vote.segment,
+                                                       "straggler": replica.assignment_id, "worker": replica.worker})
+
     def _settle_dispute(self, epoch: int, base_digest: str, vote: SegmentVote, cause: str) -> None:
         """Re-execute an undecided job here and accept that result; without a referee, stop the run."""
         if self.referee is None:
@@ -428,5 +476,6 @@ class EpochRunner:
             rejected=self._rejected,
             failed=self._failed,
             arbitrated=sorted(self._arbitrated_losses),
+            speculative=self._speculative,
             accepted_bits=bits_of,
         )

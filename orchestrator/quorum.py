@@ -29,6 +29,8 @@ class Replica:
     reason: str = ""
     signed_result: dict | None = None  # the worker's signed result message, kept for the ledger
     weights_key: str = ""  # where the worker stored its sealed result weights
+    speculated: bool = False  # a speculative copy of this straggling replica was issued
+    queue_depth: int = 1  # jobs on its worker when it was issued, itself included
 
     def summary(self, *, reveal: bool = True) -> dict:
         """Return the replica as a dict; without `reveal`, its digest and loss are left out."""

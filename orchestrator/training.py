@@ -63,6 +63,7 @@ def _epoch_record(epoch: int, outcome: EpochOutcome, sizes: list[int], digest: s
         "disagreements": outcome.disagreements,
         "reissues": outcome.reissues,
         "arbitrated": outcome.arbitrated,
+        "speculative": outcome.speculative,
         "rejected": [asdict(r) for r in outcome.rejected],
         "failed": [asdict(r) for r in outcome.failed],
         "accepted_segments": [

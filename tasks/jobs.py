@@ -29,6 +29,7 @@ from tasks.identity import IdentityError, numerical_environment, orchestrator_ke
 logger = get_task_logger(__name__)
 
 RESULTS_PREFIX = "farm:results:"
+EXECUTED_PREFIX = "farm:executed:"  # one claim per assignment: who started it, and when
 HEALTH_PREFIX = "farm:worker-health:"  # problems found while running a job, shown in the heartbeat
 HEALTH_TTL = 600  # seconds a reported problem marks the worker unhealthy unless it recurs
 
@@ -111,7 +112,8 @@ def _train(job: Job, worker: str, started: float) -> Result:
 def _claim(job: Job, worker: str) -> bool:
     """Mark the assignment as executed; return False when an earlier delivery already ran it."""
     ttl = max(60, int(job.expires_at - time.time()) + 3600)
-    return bool(_redis().set(f"farm:executed:{job.assignment_id}", worker, nx=True, ex=ttl))
+    claim = json.dumps({"worker": worker, "started_at": time.time()})
+    return bool(_redis().set(f"{EXECUTED_PREFIX}{job.assignment_id}", claim, nx=True, ex=ttl))
 
 
 def _record_health(worker: str, problem: str) -> None:

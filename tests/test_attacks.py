@@ -306,7 +306,20 @@ def test_dispute_settled_by_orchestrator(attacked_farm, attacked_client, data_ro
 
 
 
-# --- crashes (last: this test kills and restarts an attacker process) ---------------------
+# --- stragglers and crashes (last: these keep mallory busy, then kill and restart it) ------
+
+
+def test_straggler_speculatively_reissued(attacked_farm, attacked_client, data_root, tmp_path, honest_run):
+    mallory = attacked_farm.node("mallory")
+    result = attack(attacked_farm, attacked_client, tmp_path / "straggler", data_root, modes={"mallory": "slow"},
+                    straggler_factor=3.0)
+
+    record = result.metrics[0]
+    assert record["speculative"] >= 1
+    assert mallory not in voters(result)
+    assert result.final_digest == honest_digest(honest_run, 1)
+    ledger = (result.run_dir / "ledger.jsonl").read_text()
+    assert '"kind": "speculative_reissue"' in ledger
 
 
 def test_killed_worker_replica_reissued(attacked_farm, attacked_client, data_root, tmp_path, honest_run):

@@ -21,6 +21,7 @@ mode_key(worker), or for every attacker at once by setting ATTACK_MODE_KEY:
     copier       read everything in Redis while a peer's replica is done, and record what it learned
     silent       train but never reply, like a worker that hangs
     stall        sleep a minute before training, so a test can kill the worker mid-job
+    slow         sleep 15 seconds before training, like a straggler
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ def lying_train_segment(self, message: dict) -> dict:
     if mode == "stall":
         client.set(STALLING_KEY + worker, job.assignment_id)
         time.sleep(60)
+    elif mode == "slow":
+        jobs._claim(job, worker)  # a real worker claims the job before it trains, so the start is known
+        time.sleep(15)
 
     honest = jobs._train(job, worker, started)
     result = honest
