@@ -102,3 +102,45 @@ def test_redis_restart_mid_run(farm, client, data_root, tmp_path, uninterrupted)
     assert "result" in outcome, "the run did not complete after the Redis restart"
     assert outcome["result"].final_digest == uninterrupted.final_digest
     farm.wait_for_workers(3)  # every worker reconnected
+
+
+def test_each_assignment_executed_and_accepted_once(farm, client, data_root, tmp_path):
+    """Across every run this farm made, crashes included, no assignment ran or counted twice."""
+    import collections
+    import re
+
+    executions = collections.Counter()
+    for log in {path.resolve() for path in farm.log_dir.glob("worker*.log")}:
+        executions.update(re.findall(r"job started: .* assignment ([0-9a-f]{32}) ", log.read_text()))
+    assert executions, "no job ran on this farm"
+    assert max(executions.values()) == 1
+
+    acceptances = collections.Counter()
+    # The runs of this module; pytest links "...current" names to its folders, so resolve each once.
+    prefixes = ("uninterrupted", "test_killed_orchestrator", "test_redis_restart", "test_resume_after_failure")
+    ledgers = {path.resolve() for path in tmp_path.parent.glob("*/**/ledger.jsonl")
+               if path.relative_to(tmp_path.parent).parts[0].startswith(prefixes)}
+    assert len(ledgers) >= 3  # the uninterrupted, killed-and-resumed and Redis-restart runs
+    for ledger in ledgers:
+        for line in ledger.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["kind"] == "segment_accepted":
+                acceptances.update(voter["result"]["assignment_id"] for voter in entry["data"]["voters"])
+    assert acceptances, "no ledger of this farm's runs was found"
+    assert max(acceptances.values()) == 1
+
+
+def test_worker_without_data_is_unhealthy(farm, tmp_path):
+    from protocol.heartbeat import read_heartbeats
+
+    farm.data_root = tmp_path  # an empty data root for the next worker only
+    node = farm.start_worker("nodata")
+    try:
+        farm.wait_for_workers(4)
+        record = read_heartbeats(farm.client())[node]
+        assert record["health"] == f"unhealthy: no dataset under data root {tmp_path}"
+        result = CliRunner().invoke(main, ["workers", "--broker-url", farm.broker_url,
+                                           "--state-dir", str(farm.state_dir)])
+        assert f"unhealthy: no dataset under data root {tmp_path}" in result.output
+    finally:
+        farm.stop_worker(node)
