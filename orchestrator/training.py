@@ -76,7 +76,7 @@ def _epoch_record(epoch: int, outcome: EpochOutcome, sizes: list[int], digest: s
 
 @dataclass
 class _Run:
-    """What the epoch loop of a new or resumed run works with."""
+    """Settings, data and services of a new or resumed run, as the epoch loop uses them."""
 
     client: FarmClient
     training: TrainingSettings
@@ -293,8 +293,8 @@ def resume_training(
 ) -> RunResult:
     """Continue a stopped run from its last aggregated epoch, with the settings in its run.json.
 
-    The ledger and the epoch's weights file must agree; the interrupted epoch runs again from its
-    base weights, which gives the same bits as an uninterrupted run.
+    The ledger and the epoch's weights file must agree. The interrupted epoch runs again from its
+    base weights, so the run ends with the same bits as an uninterrupted one.
     """
     directory = RunDirectory(run_dir)
     config = directory.read_config()
