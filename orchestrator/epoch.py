@@ -188,8 +188,13 @@ class EpochRunner:
         self.start_epoch(epoch, base_digest)
         return self.finish_epoch(progress)
 
-    def start_epoch(self, epoch: int, base_digest: str) -> None:
-        """Place R replicas of every segment of `epoch` on distinct workers."""
+    def start_epoch(self, epoch: int, base_digest: str, restored: dict[int, dict] | None = None) -> None:
+        """Place R replicas of every segment of `epoch` on distinct workers.
+
+        `restored` maps segments that a stopped orchestrator had accepted in this epoch to their
+        ledger entries; their votes are rebuilt from the signed results and nothing is re-issued.
+        """
+        restored = restored or {}
         self._context = EpochContext(self.run_id, epoch, base_digest)
         self._votes = {k: SegmentVote(k, self.farm.quorum) for k in range(self.training.segments)}
         self._rejected: list[RejectedResult] = []
@@ -205,10 +210,27 @@ class EpochRunner:
         self.ledger.append("epoch_started", {
             "epoch": epoch, "base_digest": base_digest,
             "workers": {name: {"public_key": e.public_key, "owner": e.owner} for name, e in self._enrolled.items()},
+            "restored_segments": sorted(restored),
         })
+        for segment, accepted in restored.items():
+            self._restore(self._votes[segment], accepted)
         for vote in self._votes.values():
-            self._issue(vote, self.farm.replicas, epoch=epoch, base_digest=base_digest, eligible=eligible)
+            if not vote.restored:
+                self._issue(vote, self.farm.replicas, epoch=epoch, base_digest=base_digest, eligible=eligible)
         self.on_change(epoch, self._votes)
+
+    def _restore(self, vote: SegmentVote, accepted: dict) -> None:
+        """Rebuild a decided vote from its ledger entry, whose weights the caller has verified."""
+        for voter in accepted["voters"]:
+            result = voter["result"]
+            replica = Replica(result["assignment_id"], voter["worker"], voter["owner"], vote.segment,
+                              issued_at=time.time(), deadline=time.monotonic(), weights_key=result["weights_key"])
+            vote.add(replica)
+            vote.record_agreeable(replica.assignment_id, result["weights_digest"], result["loss"],
+                                  result["loss_bits"], signed_result=result)
+        vote.restored = True
+        logger.info("segment %d keeps the weights %s it accepted before the orchestrator stopped",
+                    vote.segment, accepted["weights_digest"][:12])
 
     def finish_epoch(self, progress: Progress | None = None) -> EpochOutcome:
         """Collect results of the started epoch until every segment is decided, re-issuing where needed."""
@@ -241,9 +263,15 @@ class EpochRunner:
         self._record_standing(context.epoch)
         outcome = self._outcome(self._reissues)
         self._record_decisions()
-        self.client.store.delete([r.weights_key for vote in self._votes.values() for r in vote.replicas.values()
-                                  if r.weights_key])
+        # Replica weights stay in the store until the aggregate is durable, so a resumed run can reuse them.
+        self._finished_weights = [r.weights_key for vote in self._votes.values() for r in vote.replicas.values()
+                                  if r.weights_key]
         return outcome
+
+    def delete_replica_weights(self) -> None:
+        """Delete the stored replica weights of the last finished epoch."""
+        self.client.store.delete(getattr(self, "_finished_weights", []))
+        self._finished_weights = []
 
     def _time_to_next_deadline(self, next_liveness_check: float) -> float:
         deadlines = [r.deadline for vote in self._votes.values() for r in vote.pending()]
@@ -297,6 +325,8 @@ class EpochRunner:
     def _record_decisions(self) -> None:
         """Append each accepted segment with its voters' signed results to the ledger."""
         for vote in self._votes.values():
+            if vote.restored:
+                continue  # the ledger has recorded it already
             digest, bits = vote.decision
             voters = [r for r in vote.replicas.values() if (r.weights_digest, r.loss_bits) == (digest, bits)]
             self.ledger.append("segment_accepted", {

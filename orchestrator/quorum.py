@@ -55,6 +55,7 @@ class SegmentVote:
     # (weights digest, loss bits) -> owners whose workers returned it; an owner counts once
     groups: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     arbitrated: tuple[str, str] | None = None  # the orchestrator's own result, when it had to decide
+    restored: bool = False  # decided before the orchestrator stopped, and recorded in the ledger then
 
     def add(self, replica: Replica) -> None:
         if replica.worker in self.workers():

@@ -18,20 +18,21 @@ from model.aggregate import weighted_average
 from model.data import data_digest, load_images, segment_images, segment_size, to_inputs
 from model.network import initial_state_dict
 from model.training import configure_torch, evaluate, reconstruct
-from model.weights import decode, encode, model_spec, state_dict_digest
+from model.weights import WeightsError, decode, decode_verified, encode, model_spec, state_dict_digest
 from orchestrator.client import FarmClient
 from orchestrator.epoch import EpochOutcome, EpochRunner
 from orchestrator.identity import OrchestratorIdentity
 from orchestrator.ledger import Ledger
 from orchestrator.referee import Referee
-from protocol.crypto import public_key_text
+from protocol.crypto import CryptoError, public_key_text, unseal
+from protocol.envelope import WEIGHTS_CONTEXT
 from orchestrator.registry import Registry
 from orchestrator.progress import Progress
 from orchestrator.plots import plot_losses, plot_reconstructions
 from orchestrator.quorum import SegmentVote
 from orchestrator.rundir import RunDirectory
 from orchestrator.verify import WeightsVerifier
-from protocol.store import base_weights_key
+from protocol.store import StoreError, base_weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,8 @@ def run_training(
 
 
 def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
-                  progress_factory: Callable[[int], Progress], placement_rng: random.Random | None) -> RunResult:
+                  progress_factory: Callable[[int], Progress], placement_rng: random.Random | None,
+                  restored: dict[int, dict] | None = None) -> RunResult:
     """Run epochs `first_epoch`..`run.epochs` from `state`, then write the final outputs."""
     client, training, farm, epochs, run_id = run.client, run.training, run.farm, run.epochs, run.run_id
     directory, ledger, identity, registry = run.directory, run.ledger, run.identity, run.registry
@@ -202,7 +204,9 @@ def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
         epoch_started = time.monotonic()
         epoch = first_epoch
         if epoch <= epochs:
-            runner.start_epoch(epoch, base_digest)
+            for segment, accepted in (restored or {}).items():
+                runner.verifier.remember(accepted["weights_digest"], accepted["state_dict"])
+            runner.start_epoch(epoch, base_digest, restored=restored)
         while epoch <= epochs:
             progress = progress_factory(epoch)
             try:
@@ -217,6 +221,7 @@ def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
                                epoch, wrong, base_digest[:12])
                 ledger.append("epoch_restarted", {"epoch": epoch, "base_digest": base_digest, "segments": wrong})
                 runner.verifier.clear()
+                runner.delete_replica_weights()
                 runner.start_epoch(epoch, base_digest)
                 continue
 
@@ -228,6 +233,7 @@ def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
             directory.save_epoch_weights(epoch, state)
             ledger.append("epoch_aggregated", {"epoch": epoch, "weights_digest": base_digest,
                                                "segment_digests": [outcome.accepted[k][0] for k in range(training.segments)]})
+            runner.delete_replica_weights()
 
             # Start the next epoch before evaluating this one, so the workers do not wait for the evaluation.
             next_started = time.monotonic()
@@ -269,18 +275,45 @@ def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
 
 
 def _accepted_segments(entries: list[dict], epoch: int) -> list[dict]:
-    """Return the segment_accepted data of the last attempt at `epoch` that reached its aggregate."""
+    """Return the segment_accepted data of the latest attempt at `epoch`, up to its aggregate if any.
+
+    An attempt that restored segments after a stop keeps their entries from the attempt before.
+    """
     current, accepted = None, []
     for entry in entries:
         if entry["kind"] == "epoch_started":
             current = entry["data"]["epoch"]
             if current == epoch:
-                accepted = []
+                kept = set(entry["data"].get("restored_segments", []))
+                accepted = [a for a in accepted if a["segment"] in kept]
         elif entry["kind"] == "segment_accepted" and current == epoch:
             accepted.append(entry["data"])
         elif entry["kind"] == "epoch_aggregated" and entry["data"]["epoch"] == epoch:
             return accepted
     return accepted
+
+
+def _restorable_segments(entries: list[dict], epoch: int, store, identity: OrchestratorIdentity) -> dict[int, dict]:
+    """Return the segments of the interrupted `epoch` that were accepted and whose weights are still stored.
+
+    Each value is the ledger's segment_accepted data plus the verified "state_dict". Segments the
+    orchestrator decided itself, or whose sealed weights are gone, are trained again.
+    """
+    restorable = {}
+    for accepted in _accepted_segments(entries, epoch):
+        if accepted.get("arbitrated") or not accepted["voters"]:
+            continue
+        weights_key = accepted["voters"][0]["result"]["weights_key"]
+        try:
+            box = store.get(weights_key)
+            blob = unseal(identity.sealing, box, WEIGHTS_CONTEXT)
+            state = decode_verified(blob, accepted["weights_digest"], model_spec())
+        except (StoreError, CryptoError, WeightsError) as error:
+            logger.info("segment %d of epoch %d runs again: its accepted weights cannot be reloaded (%s)",
+                        accepted["segment"], epoch, error)
+            continue
+        restorable[accepted["segment"]] = {**accepted, "state_dict": state}
+    return restorable
 
 
 def resume_training(
@@ -330,7 +363,9 @@ def resume_training(
             "accepted": len(accepted), "segments": training.segments, "finished_at": time.time(),
             "recovered_from_ledger": True,
         })
-    ledger.append("run_resumed", {"from_epoch": last_epoch + 1, "base_digest": base_digest})
+    restored = _restorable_segments(entries, last_epoch + 1, client.store, identity)
+    ledger.append("run_resumed", {"from_epoch": last_epoch + 1, "base_digest": base_digest,
+                                  "restored_segments": sorted(restored)})
     logger.info("run %s resumes at epoch %d from weights %s", config["run_id"], last_epoch + 1, base_digest[:12])
 
     registry = Registry(state_dir, max_strikes=farm.max_strikes)
@@ -340,4 +375,4 @@ def resume_training(
                initial_test_loss=config["initial_test_loss"])
     return _train_epochs(run, state=state, base_digest=base_digest, first_epoch=last_epoch + 1,
                          progress_factory=progress_factory or (lambda epoch: Progress()),
-                         placement_rng=placement_rng)
+                         placement_rng=placement_rng, restored=restored)

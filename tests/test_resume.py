@@ -49,18 +49,49 @@ def uninterrupted(farm, client, data_root, tmp_path_factory):
     return train(farm, client, tmp_path_factory.mktemp("uninterrupted") / "run", data_root, epochs=EPOCHS)
 
 
+def interrupted_epoch(run_dir) -> tuple[int, set[int]]:
+    """Return the first epoch without an aggregate and the segments its latest attempt accepted so far."""
+    aggregated, current, accepted = 0, None, set()
+    for line in (run_dir / "ledger.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry["kind"] == "epoch_started":
+            if entry["data"]["epoch"] != current:
+                accepted = set()
+            current = entry["data"]["epoch"]
+            accepted &= set(entry["data"].get("restored_segments", []))
+        elif entry["kind"] == "segment_accepted":
+            accepted.add(entry["data"]["segment"])
+        elif entry["kind"] == "epoch_aggregated":
+            aggregated, accepted = entry["data"]["epoch"], set()
+    return aggregated + 1, accepted
+
+
 def test_killed_orchestrator_resumes_to_same_digest(farm, client, data_root, tmp_path, uninterrupted):
     run_dir = tmp_path / "killed"
     process = start_cli_run(farm, run_dir, data_root)
     try:
         wait_for_ledger(run_dir, "epoch_started", 2)  # epoch 1 is aggregated, epoch 2 is out on the farm
+        deadline = time.monotonic() + 30
+        while not interrupted_epoch(run_dir)[1] and time.monotonic() < deadline:
+            time.sleep(0.01)  # stop it once a segment of the current epoch is accepted
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    epoch, finished_before_stop = interrupted_epoch(run_dir)
+    assert epoch <= EPOCHS, "the run finished before it could be stopped"
 
     result = resume_training(client=client, run_dir=run_dir, state_dir=farm.state_dir)
 
     assert result.final_digest == uninterrupted.final_digest
+    # Segments accepted before the stop are kept, with their original voters, and not issued again.
+    resumed = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()
+               if '"run_resumed"' in line]
+    assert set(resumed[0]["data"]["restored_segments"]) == finished_before_stop
+    interrupted = next(record for record in result.metrics if record["epoch"] == epoch)
+    for segment in interrupted["accepted_segments"]:
+        if segment["segment"] in finished_before_stop:
+            assert len(segment["replicas"]) == 2
+            assert all(replica["status"] == "ok" for replica in segment["replicas"])
     assert [record["epoch"] for record in result.metrics] == [1, 2, 3]
     audit = CliRunner().invoke(main, ["audit", str(run_dir), "--state-dir", str(farm.state_dir)])
     assert audit.exit_code == 0, audit.output
