@@ -164,8 +164,9 @@ def test_each_assignment_executed_and_accepted_once(farm, client, data_root, tmp
 def test_worker_without_data_is_unhealthy(farm, tmp_path):
     from protocol.heartbeat import read_heartbeats
 
-    farm.data_root = tmp_path  # an empty data root for the next worker only
+    real_root, farm.data_root = farm.data_root, tmp_path  # an empty data root for this worker only
     node = farm.start_worker("nodata")
+    farm.data_root = real_root
     try:
         farm.wait_for_workers(4)
         record = read_heartbeats(farm.client())[node]
@@ -173,5 +174,20 @@ def test_worker_without_data_is_unhealthy(farm, tmp_path):
         result = CliRunner().invoke(main, ["workers", "--broker-url", farm.broker_url,
                                            "--state-dir", str(farm.state_dir)])
         assert f"unhealthy: no dataset under data root {tmp_path}" in result.output
+    finally:
+        farm.stop_worker(node)
+
+
+def test_worker_without_store_is_unhealthy(farm):
+    from protocol.heartbeat import read_heartbeats
+
+    node = farm.start_worker("nostore", env={"FARM_STORE_URL": "redis://127.0.0.1:1/0"})
+    try:
+        farm.wait_for_workers(4)
+        deadline = time.monotonic() + 20
+        while read_heartbeats(farm.client())[node]["health"] == "ok" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        health = read_heartbeats(farm.client())[node]["health"]
+        assert health.startswith("unhealthy: cannot reach the weights store")
     finally:
         farm.stop_worker(node)
