@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import redis
 
 from config.settings import redis_client
 from celery import Celery

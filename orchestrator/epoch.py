@@ -141,6 +141,7 @@ class EpochRunner:
         self.referee = referee  # None: a segment without a quorum stops the run instead
         self.rng = rng or random.SystemRandom()
         self._durations: list[float] = []  # worker-reported seconds of recent valid results
+        self._finished_weights: list[str] = []  # store keys of the last finished epoch's replica weights
         self.client = client
         self.run_id = run_id
         self.training = training
@@ -183,16 +184,11 @@ class EpochRunner:
 
     # --- one epoch -------------------------------------------------------------
 
-    def run_epoch(self, epoch: int, base_digest: str, progress: Progress | None = None) -> EpochOutcome:
-        """Train every segment of `epoch` from `base_digest` until each one reaches its quorum."""
-        self.start_epoch(epoch, base_digest)
-        return self.finish_epoch(progress)
-
     def start_epoch(self, epoch: int, base_digest: str, restored: dict[int, dict] | None = None) -> None:
-        """Place R replicas of every segment of `epoch` on distinct workers.
+        """Place R replicas of every segment of `epoch` on workers of distinct owners.
 
         `restored` maps segments that a stopped orchestrator had accepted in this epoch to their
-        ledger entries; their votes are rebuilt from the signed results and nothing is re-issued.
+        ledger entries. Their votes are rebuilt from the signed results, and they get no replicas.
         """
         restored = restored or {}
         self._context = EpochContext(self.run_id, epoch, base_digest)
@@ -270,7 +266,7 @@ class EpochRunner:
 
     def delete_replica_weights(self) -> None:
         """Delete the stored replica weights of the last finished epoch."""
-        self.client.store.delete(getattr(self, "_finished_weights", []))
+        self.client.store.delete(self._finished_weights)
         self._finished_weights = []
 
     def _time_to_next_deadline(self, next_liveness_check: float) -> float:

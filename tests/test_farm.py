@@ -18,7 +18,7 @@ from model.weights import encode, state_dict_digest
 from orchestrator.cli import main
 from orchestrator.local import PROJECT_ROOT
 from protocol.heartbeat import read_heartbeats
-from protocol.messages import Job, Result
+from protocol.messages import Job
 from protocol.store import base_weights_key
 from tests.farmrun import send_signed_job, train
 
