@@ -60,6 +60,17 @@ def redis_client(url: str, *, retries: int = REDIS_RETRIES, **options):
     return redis.Redis.from_url(url, **options)
 
 
+def device_from_env() -> str:
+    """Return the device a worker trains on from FARM_DEVICE: "cpu" (default) or "cuda"."""
+    from model.numerics import check_device
+
+    device = os.environ.get("FARM_DEVICE", "cpu")
+    try:
+        return check_device(device)
+    except ValueError as error:
+        raise SettingsError(f"invalid FARM_DEVICE: {error}", field="device") from None
+
+
 def data_root_from_env() -> Path:
     """Return the dataset root from FARM_DATA_ROOT (torchvision layout), default ./data."""
     return Path(os.environ.get("FARM_DATA_ROOT", "data")).expanduser()
@@ -83,6 +94,8 @@ class TrainingSettings:
     seed: int = 0  # run seed: initial weights and every job's batch order
     threads: int = 1  # torch intra-op threads per job; the thread count changes the bits
     subset: int = 0  # train on the first N training images only; 0 means all
+    profile: str = "default"  # numerical profile of the workers' training processes (model/numerics.py)
+    allow_tf32: bool = False  # let GPUs use TF32 matrix products: faster, fewer mantissa bits
 
     def validate(self) -> TrainingSettings:
         """Raise SettingsError for the first invalid field; return self when all are valid."""
@@ -108,6 +121,19 @@ class TrainingSettings:
             )
         if not isinstance(self.shuffle, bool):
             raise SettingsError(f"invalid shuffle {self.shuffle!r}: use true or false", field="shuffle")
+        if not isinstance(self.allow_tf32, bool):
+            raise SettingsError(f"invalid allow_tf32 {self.allow_tf32!r}: use true or false", field="allow_tf32")
+        from model.numerics import PROFILE_THREADS, PROFILES
+
+        if self.profile not in PROFILES:
+            raise SettingsError(f"invalid profile {self.profile!r}: choose one of {', '.join(PROFILES)}",
+                                field="profile")
+        if PROFILE_THREADS.get(self.profile, self.threads) != self.threads:
+            raise SettingsError(
+                f"invalid threads {self.threads} for profile {self.profile}: the profile fixes "
+                f"{PROFILE_THREADS[self.profile]} thread(s); drop --threads or choose --profile default",
+                field="threads",
+            )
         if self.subset and self.subset < self.segments:
             raise SettingsError(
                 f"invalid subset {self.subset}: it must hold at least one image per segment "

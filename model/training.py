@@ -27,18 +27,20 @@ def job_seed(run_seed: int, epoch: int, segment: int) -> int:
 
 
 def train_segment(
-    state_dict: StateDict, images: torch.Tensor, settings: TrainingSettings, *, seed: int
+    state_dict: StateDict, images: torch.Tensor, settings: TrainingSettings, *, seed: int, device: str = "cpu"
 ) -> tuple[StateDict, float]:
     """Train one pass over uint8 `images` (N, 28, 28) from `state_dict` with a fresh Adam.
 
     Batches are scaled to float as they are drawn, so a cached segment costs one byte per pixel.
-    Returns the new weights and the mean of the per-batch MSE losses. Same images, same
-    settings and same seed give bit-identical results in any process with the same
-    torch build, thread count and numeric environment.
+    Returns the new weights (on the CPU) and the mean of the per-batch MSE losses. Same
+    images, same settings and same seed give bit-identical results in any process of the
+    same numerical class (model/numerics.py). The batch order is drawn on the CPU, so it is
+    the same on every device.
     """
     configure_torch(settings.threads)
     model = Autoencoder()
     model.load_state_dict(state_dict, strict=True)
+    model.to(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     criterion = nn.MSELoss()
@@ -50,7 +52,7 @@ def train_segment(
     loss_sum = 0.0
     batches = 0
     for start in range(0, count, settings.batch_size):
-        x = to_inputs(images[order[start : start + settings.batch_size]])  # (batch, 784)
+        x = to_inputs(images[order[start : start + settings.batch_size]]).to(device)  # (batch, 784)
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), x)
         loss.backward()
@@ -58,7 +60,7 @@ def train_segment(
         loss_sum += loss.item()
         batches += 1
 
-    new_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    new_state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
     return new_state, loss_sum / batches
 
 

@@ -35,3 +35,28 @@ def choose_workers(
             chosen.append(worker)
             taken.add(owners[worker])
     return chosen
+
+
+def choose_class(
+    members: Mapping[str, tuple[str, str]],
+    *,
+    count: int,
+    load: Counter,
+    rng: random.Random = _system_random,
+) -> str | None:
+    """Return the numerical class a new job's replicas go to, or None when no class has a worker.
+
+    `members` maps each eligible worker to (owner, class). Classes that can take all `count`
+    replicas on distinct owners come first, then the class whose least loaded workers carry
+    the least load; ties are broken at random.
+    """
+    by_class: dict[str, dict[str, str]] = {}
+    for worker, (owner, klass) in members.items():
+        by_class.setdefault(klass, {})[worker] = owner
+    if not by_class:
+        return None
+    ranked = []
+    for klass, owners in by_class.items():
+        chosen = choose_workers(owners, count=count, exclude_workers=set(), exclude_owners=set(), load=load, rng=rng)
+        ranked.append((-len(chosen), sum(load[worker] for worker in chosen), rng.random(), klass))
+    return min(ranked)[3]

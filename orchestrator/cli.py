@@ -26,6 +26,7 @@ from config.settings import (
     broker_url_from_env,
     data_root_from_env,
 )
+from model.numerics import PROFILES
 from orchestrator.client import FarmClient
 from orchestrator.identity import state_dir_from_env
 from orchestrator.progress import Progress
@@ -147,6 +148,11 @@ def training_options(command):
                      help="Run seed for the initial weights and every batch order."),
         click.option("--threads", type=click.IntRange(min=1), default=DEFAULTS_TRAINING.threads, show_default=True,
                      help="torch threads per job; replicas only agree at equal thread counts."),
+        click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULTS_TRAINING.profile,
+                     show_default=True, help="Numerical profile: portable puts x86-64 CPUs with different "
+                                             "instruction sets into one class, at a speed cost (see the README)."),
+        click.option("--allow-tf32/--no-allow-tf32", default=DEFAULTS_TRAINING.allow_tf32, show_default=True,
+                     help="Let GPU workers use TF32 matrix products (faster, less precise)."),
         click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Train on the first N training images only (0: all 60,000)."),
         click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -180,6 +186,7 @@ def _settings(options: dict) -> tuple[TrainingSettings, FarmSettings]:
             dataset=options["dataset"], segments=options["segments"], learning_rate=options["learning_rate"],
             batch_size=options["batch_size"], weight_decay=options["weight_decay"], shuffle=options["shuffle"],
             seed=options["seed"], threads=options["threads"], subset=options["subset"],
+            profile=options["profile"], allow_tf32=options["allow_tf32"],
         ).validate()
         farm = FarmSettings(
             replicas=options["replicas"], quorum=options["quorum"], max_reissues=options["max_reissues"],
@@ -372,7 +379,11 @@ def _print_workers(live: dict[str, dict], enrollments: dict) -> None:
     if not live and not enrollments:
         click.echo("No live or enrolled workers. Start one with: celery -A tasks worker -n NAME@%h")
         return
-    click.echo(f"{'WORKER':<28} {'OWNER':<14} {'STANDING':<12} {'LIVE':<10} {'VALID':>5} {'STRIKES':>7} {'JOBS':>5}")
+    from model.numerics import class_id, describe, job_environment
+
+    click.echo(f"{'WORKER':<28} {'OWNER':<14} {'STANDING':<12} {'LIVE':<10} {'VALID':>5} {'STRIKES':>7} {'JOBS':>5}  "
+               + "  ".join(f"{'CLASS ' + profile.upper():<14}" for profile in PROFILES))
+    legend: dict[str, tuple[str, list[str]]] = {}
     for name in sorted(set(live) | set(enrollments)):
         record, entry = live.get(name), enrollments.get(name)
         if entry is None:
@@ -389,13 +400,28 @@ def _print_workers(live: dict[str, dict], enrollments: dict) -> None:
             state = "unhealthy"
         else:
             state = "busy" if record.get("active") else "idle"
+        # Classes for one thread and TF32 off, the defaults of a run.
+        fingerprints = (record or {}).get("environments") or {}
+        labels = []
+        for profile in PROFILES:
+            if isinstance(fingerprints.get(profile), dict):
+                environment = job_environment(fingerprints[profile], threads=1, allow_tf32=False)
+                klass = class_id(environment)
+                legend.setdefault(klass, (describe(environment), []))[1].append(name)
+                labels.append(f"{klass:<14}")
+            else:
+                labels.append(f"{'-':<14}")
         click.echo(f"{name:<28} {entry.owner if entry else '-':<14} {standing:<12} {state:<10} "
                    f"{entry.valid_results if entry else 0:>5} {entry.strikes if entry else 0:>7} "
-                   f"{record.get('processed', 0) if record else 0:>5}")
+                   f"{record.get('processed', 0) if record else 0:>5}  " + "  ".join(labels))
         if record is not None and record.get("health") != "ok":
             click.echo(f"    {record.get('health')}")
         if entry is not None and record is not None and record.get("public_key") != entry.public_key:
             click.echo("    its public key differs from the enrolled one: re-enroll it or check the key file")
+    if legend:
+        click.echo("\nNumerical classes (one thread, no TF32); replicas of a job only go to workers of one class:")
+        for klass, (description, names) in legend.items():
+            click.echo(f"  {klass}  {description}: {len(names)} worker(s)")
 
 
 def _enrollments(state_dir: Path) -> dict:
@@ -421,7 +447,7 @@ def workers(context: click.Context, as_json: bool, state_dir: Path, broker_url: 
 @connection_options
 def list_workers(as_json: bool = False, state_dir: Path | None = None, broker_url: str | None = None,
                  store_url: str | None = None) -> None:
-    """List live and enrolled workers: owner, standing, health, valid results, strikes, jobs."""
+    """List live and enrolled workers: owner, standing, health, valid results, strikes, jobs, classes."""
     import dataclasses
 
     client = _connect(broker_url or broker_url_from_env(), store_url)

@@ -14,18 +14,20 @@ from dataclasses import dataclass, field
 
 from config.settings import FarmSettings, TrainingSettings
 from model.weights import StateDict
-from orchestrator.assignment import choose_workers
+from orchestrator.assignment import choose_class, choose_workers
 from orchestrator.client import FarmClient
-from orchestrator.errors import QuorumError, StaffingError
+from orchestrator.errors import QuorumError
 from orchestrator.progress import Progress
 from orchestrator.quorum import FAILED, LOST, REJECTED, TIMED_OUT, Replica, SegmentVote
 from orchestrator.identity import OrchestratorIdentity
 from orchestrator.ledger import Ledger
 from orchestrator.referee import Referee
-from orchestrator.registry import Enrollment, Registry
+from orchestrator.registry import Registry
+from orchestrator.staffing import Member, eligible_workers, wait_for_workers
 from orchestrator.verify import EpochContext, Rejection, WeightsVerifier, check_binding
 from protocol.crypto import CryptoError, parse_public_key
 from protocol.envelope import open_result, sign_job, verify_result
+from model.numerics import class_id, describe
 from protocol.messages import Job, ProtocolError, Result
 
 logger = logging.getLogger(__name__)
@@ -59,61 +61,6 @@ class EpochOutcome:
     arbitrated: list[int] = field(default_factory=list)  # segments the orchestrator decided by re-execution
     speculative: int = 0  # replicas issued because another replica of the same job straggled
     accepted_bits: dict[int, str] = field(default_factory=dict)  # segment -> loss bits of the decision
-
-
-def ineligibility(record: dict, enrollment: Enrollment | None, dataset: str) -> str | None:
-    """Return why a live worker may not receive jobs, or None when it may."""
-    if enrollment is None:
-        return "not enrolled"
-    if enrollment.revoked:
-        return "revoked"
-    if enrollment.quarantined:
-        return "quarantined"
-    if record.get("public_key") != enrollment.public_key:
-        return "public key differs from its enrollment"
-    if record.get("health") != "ok":
-        return str(record.get("health"))
-    if not record.get("datasets", {}).get(dataset):
-        return f"no {dataset} under its data root"
-    return None
-
-
-def eligible_workers(heartbeats: dict[str, dict], enrollments: dict[str, Enrollment], dataset: str) -> dict[str, str]:
-    """Return worker -> owner for live workers that are enrolled, in good standing, healthy and hold the data."""
-    return {
-        name: enrollments[name].owner
-        for name, record in sorted(heartbeats.items())
-        if ineligibility(record, enrollments.get(name), dataset) is None
-    }
-
-
-def wait_for_workers(client: FarmClient, registry: Registry, *, dataset: str, owners: int,
-                     timeout: float) -> dict[str, str]:
-    """Wait until eligible workers of `owners` distinct owners are live; raise StaffingError otherwise."""
-    deadline = time.monotonic() + timeout
-    announced = False
-    while True:
-        heartbeats = client.live_workers()
-        enrollments = registry.load()
-        eligible = eligible_workers(heartbeats, enrollments, dataset)
-        if len(set(eligible.values())) >= owners:
-            return eligible
-        if time.monotonic() >= deadline:
-            excluded = [f"{name} ({ineligibility(record, enrollments.get(name), dataset)})"
-                        for name, record in sorted(heartbeats.items()) if name not in eligible]
-            raise StaffingError(
-                f"need live workers of {owners} distinct owners with {dataset} for the replicas, found "
-                f"{len(set(eligible.values()))} after {timeout:.0f} s: "
-                f"{', '.join(f'{w} (owner {o})' for w, o in eligible.items()) or 'none'}"
-                + (f"; not eligible: {', '.join(excluded)}" if excluded else "")
-                + ". Start workers with: celery -A tasks worker -n NAME@%h, and enroll them with: "
-                "orchestrator workers enroll NAME PUBLIC_KEY --owner OWNER"
-            )
-        if not announced:
-            logger.info("waiting up to %.0f s for live workers of %d owners (found %d)",
-                        timeout, owners, len(set(eligible.values())))
-            announced = True
-        time.sleep(0.5)
 
 
 class EpochRunner:
@@ -153,16 +100,23 @@ class EpochRunner:
 
     # --- placement -------------------------------------------------------------
 
-    def _eligible(self) -> dict[str, str]:
-        return eligible_workers(self.client.live_workers(), self.registry.load(), self.training.dataset)
+    def _eligible(self) -> dict[str, Member]:
+        return eligible_workers(self.client.live_workers(), self.registry.load(), self.training)
 
-    def _issue(self, vote: SegmentVote, count: int, *, epoch: int, base_digest: str, eligible: dict[str, str]) -> int:
+    def _issue(self, vote: SegmentVote, count: int, *, epoch: int, base_digest: str, eligible: dict[str, Member]) -> int:
+        """Place `count` more replicas of a job on workers of its class; return how many were placed.
+
+        A job's first replicas choose its numerical class; later ones stay in that class.
+        """
         pending_load = Counter(
             replica.worker for other in self._votes.values() for replica in other.pending()
         )
+        if vote.klass is None:
+            vote.klass = choose_class({w: (m.owner, m.klass) for w, m in eligible.items()}, count=count,
+                                      load=pending_load, rng=self.rng)
         workers = choose_workers(
-            eligible, count=count, exclude_workers=vote.workers(), exclude_owners=vote.owners(), load=pending_load,
-            rng=self.rng,
+            {w: m.owner for w, m in eligible.items() if m.klass == vote.klass}, count=count,
+            exclude_workers=vote.workers(), exclude_owners=vote.owners(), load=pending_load, rng=self.rng,
         )
         now_wall, now = time.time(), time.monotonic()
         for worker in workers:
@@ -175,7 +129,7 @@ class EpochRunner:
                 training=self.training.to_dict(), reply_to=self.reply_key,
                 issued_at=now_wall, expires_at=now_wall + budget,
             ), self.identity.signing)
-            vote.add(Replica(job.assignment_id, worker, eligible[worker], vote.segment,
+            vote.add(Replica(job.assignment_id, worker, eligible[worker].owner, vote.segment,
                              issued_at=now_wall, deadline=now + budget, queue_depth=queue_depth))
             self.client.send(job, time_limit=self.farm.job_timeout, expires_in=budget)
             pending_load[worker] += 1
@@ -199,7 +153,7 @@ class EpochRunner:
         self._arbitrated_losses: dict[int, float] = {}
         self._speculative = 0
 
-        eligible = wait_for_workers(self.client, self.registry, dataset=self.training.dataset,
+        eligible = wait_for_workers(self.client, self.registry, training=self.training,
                                     owners=self.farm.replicas, timeout=self.farm.worker_wait)
         # The keys that count this epoch; the ledger records them so that an audit can check each vote.
         self._enrolled = {name: e for name, e in self.registry.load().items() if not e.revoked}
@@ -207,6 +161,7 @@ class EpochRunner:
             "epoch": epoch, "base_digest": base_digest,
             "workers": {name: {"public_key": e.public_key, "owner": e.owner} for name, e in self._enrolled.items()},
             "restored_segments": sorted(restored),
+            "classes": {name: member.klass for name, member in eligible.items()},
         })
         for segment, accepted in restored.items():
             self._restore(self._votes[segment], accepted)
@@ -224,6 +179,7 @@ class EpochRunner:
             vote.add(replica)
             vote.record_agreeable(replica.assignment_id, result["weights_digest"], result["loss"],
                                   result["loss_bits"], signed_result=result)
+            vote.klass = class_id(result["environment"])
         vote.restored = True
         logger.info("segment %d keeps the weights %s it accepted before the orchestrator stopped",
                     vote.segment, accepted["weights_digest"][:12])
@@ -293,6 +249,9 @@ class EpochRunner:
             return True
         replica.weights_key = result.weights_key
         try:
+            if class_id(result.environment) != vote.klass:
+                raise Rejection(f"numerical class {class_id(result.environment)} ({describe(result.environment)}) "
+                                f"differs from the job's class {vote.klass}")
             self.verifier.verify(result.weights_key, result.weights_digest)
         except Rejection as rejection:
             # The assignment is used up: each assignment counts once, even when its result is rejected.
@@ -326,7 +285,7 @@ class EpochRunner:
             digest, bits = vote.decision
             voters = [r for r in vote.replicas.values() if (r.weights_digest, r.loss_bits) == (digest, bits)]
             self.ledger.append("segment_accepted", {
-                "segment": vote.segment, "weights_digest": digest, "loss_bits": bits,
+                "segment": vote.segment, "weights_digest": digest, "loss_bits": bits, "class": vote.klass,
                 "loss": self._arbitrated_losses.get(vote.segment, voters[0].loss if voters else None),
                 "arbitrated": vote.arbitrated is not None,
                 "voters": [{"worker": r.worker, "owner": r.owner, "public_key": self._enrolled[r.worker].public_key,
@@ -394,8 +353,10 @@ class EpochRunner:
             eligible = eligible if eligible is not None else self._eligible()
             issued = self._issue(vote, shortfall, epoch=epoch, base_digest=base_digest, eligible=eligible)
             if issued < shortfall:
+                in_class = [w for w, m in eligible.items() if m.klass == vote.klass]
                 self._settle_dispute(epoch, base_digest, vote,
-                                     f"no fresh live worker is left ({len(eligible)} live: {', '.join(eligible)})")
+                                     f"no fresh live worker is left in class {vote.klass} ({len(in_class)} live: "
+                                     f"{', '.join(in_class) or 'none'})")
                 continue
             reissues[vote.segment] += issued
             progress.add(issued)
@@ -428,7 +389,7 @@ class EpochRunner:
             if running <= limit:
                 continue
             eligible = eligible if eligible is not None else self._eligible()
-            idle = {w: o for w, o in eligible.items() if w not in busy}
+            idle = {w: m for w, m in eligible.items() if w not in busy}
             if not self._issue(vote, 1, epoch=epoch, base_digest=base_digest, eligible=idle):
                 continue
             replica.speculated = True
@@ -445,6 +406,10 @@ class EpochRunner:
         """Re-execute an undecided job here and accept that result; without a referee, stop the run."""
         if self.referee is None:
             raise QuorumError(self._no_quorum_message(epoch, vote, cause))
+        if self.referee.klass != vote.klass:
+            raise QuorumError(self._no_quorum_message(
+                epoch, vote, f"{cause}, and the orchestrator cannot settle it: its own numerical class "
+                             f"{self.referee.klass} differs from the job's class {vote.klass}"))
         logger.warning("segment %d of epoch %d has no quorum (%s); re-executing it in the orchestrator",
                        vote.segment, epoch, cause)
         verdict = self.referee.train(epoch, vote.segment, base_digest)
@@ -460,6 +425,10 @@ class EpochRunner:
         failed = []
         for segment, (digest, loss, voters) in sorted(outcome.accepted.items()):
             if segment in outcome.arbitrated or self.rng.random() >= fraction:
+                continue
+            if self._votes[segment].klass != self.referee.klass:
+                logger.warning("epoch %d segment %d: no spot check, the job's numerical class %s differs from the "
+                               "orchestrator's %s", epoch, segment, self._votes[segment].klass, self.referee.klass)
                 continue
             verdict = self.referee.train(epoch, segment, base_digest)
             matches = verdict.weights_digest == digest and verdict.loss_bits == outcome.accepted_bits[segment]

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from protocol.crypto import CryptoError, canonical, parse_public_key, sign, verify
 from protocol.envelope import verify_result
+from model.numerics import class_id
 from protocol.messages import ProtocolError, Result
 
 LEDGER_FILE = "ledger.jsonl"
@@ -176,6 +177,9 @@ def _check_votes(data: dict, state: dict, number: int) -> None:
         actual = (result.epoch, result.segment, result.base_digest, result.weights_digest, result.loss_bits)
         if result.worker != voter["worker"] or actual != expected:
             raise _Break(f"entry {number}: vote of {voter['worker']} is for other weights, epoch or segment")
+        if "class" in data and class_id(result.environment) != data["class"]:
+            raise _Break(f"entry {number}: vote of {voter['worker']} was computed in numerical class "
+                         f"{class_id(result.environment)}, the segment's class is {data['class']}")
         owners.add(enrolled["owner"])
     if not data.get("arbitrated") and (state["quorum"] is None or len(owners) < state["quorum"]):
         raise _Break(f"entry {number}: {len(owners)} distinct owners voted, the quorum is {state['quorum']}")

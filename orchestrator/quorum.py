@@ -56,6 +56,7 @@ class SegmentVote:
     groups: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     arbitrated: tuple[str, str] | None = None  # the orchestrator's own result, when it had to decide
     restored: bool = False  # decided before the orchestrator stopped, and recorded in the ledger then
+    klass: str | None = None  # numerical class of every replica, chosen when the first ones are placed
 
     def add(self, replica: Replica) -> None:
         if replica.worker in self.workers():

@@ -6,11 +6,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-import torch
-
 from config.settings import TrainingSettings
-from model.training import configure_torch, job_seed, train_segment
-from model.weights import Spec, StateDict, decode_verified, state_dict_digest
+from model.engine import Engine
+from model.numerics import class_id, job_environment
+from model.weights import Spec, StateDict, decode_verified
 from protocol.messages import loss_bits
 from protocol.store import WeightStore, base_weights_key
 
@@ -28,23 +27,43 @@ class Verdict:
 
 
 class Referee:
-    """Train a segment job in this process, exactly as an honest worker would."""
+    """Train a segment job in a CPU engine of the run's profile, exactly as an honest worker would.
 
-    def __init__(self, *, training: TrainingSettings, segments: list[torch.Tensor], store: WeightStore,
+    Its verdict only means something for jobs of its own numerical class, `klass`. The
+    engine starts on first use and holds its own copy of torch and the data.
+    """
+
+    def __init__(self, *, training: TrainingSettings, data_root: str, data_digests: list[str], store: WeightStore,
                  spec: Spec) -> None:
         self.training = training
-        self.segments = segments  # uint8 images of each segment, as the workers hold them
+        self.data_root = data_root
+        self.data_digests = data_digests
         self.store = store
         self.spec = spec
+        self.engine = Engine(training.profile, "cpu")
+        self._klass: str | None = None
+
+    @property
+    def klass(self) -> str:
+        """The numerical class of the orchestrator's re-executions for this run."""
+        if self._klass is None:
+            environment = job_environment(self.engine.fingerprint(), threads=self.training.threads,
+                                          allow_tf32=self.training.allow_tf32)
+            self._klass = class_id(environment)
+        return self._klass
 
     def train(self, epoch: int, segment: int, base_digest: str) -> Verdict:
         started = time.monotonic()
-        base = decode_verified(self.store.get(base_weights_key(base_digest)), base_digest, self.spec)
-        configure_torch(self.training.threads)
-        state, loss = train_segment(base, self.segments[segment], self.training,
-                                    seed=job_seed(self.training.seed, epoch, segment))
-        configure_torch(1)
-        digest = state_dict_digest(state)
+        reply, blob = self.engine.train(
+            root=self.data_root, training=self.training.to_dict(), epoch=epoch, segment=segment,
+            base_digest=base_digest, base_blob=self.store.get(base_weights_key(base_digest)),
+            data_digest=self.data_digests[segment],
+        )
+        state = decode_verified(blob, reply["weights_digest"], self.spec)
         logger.info("re-executed epoch %d segment %d: weights %s in %.1f s",
-                    epoch, segment, digest[:12], time.monotonic() - started)
-        return Verdict(digest, loss, loss_bits(loss), state)
+                    epoch, segment, reply["weights_digest"][:12], time.monotonic() - started)
+        loss = float(reply["loss"])
+        return Verdict(reply["weights_digest"], loss, loss_bits(loss), state)
+
+    def close(self) -> None:
+        self.engine.close()

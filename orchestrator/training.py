@@ -24,6 +24,7 @@ from orchestrator.epoch import EpochOutcome, EpochRunner
 from orchestrator.identity import OrchestratorIdentity
 from orchestrator.ledger import Ledger
 from orchestrator.referee import Referee
+from orchestrator.staffing import wait_for_workers
 from protocol.crypto import CryptoError, public_key_text, unseal
 from protocol.envelope import WEIGHTS_CONTEXT
 from orchestrator.registry import Registry
@@ -88,7 +89,7 @@ class _Run:
     ledger: Ledger
     identity: OrchestratorIdentity
     registry: Registry
-    segments: list[torch.Tensor]
+    data_root: str
     data_digests: list[str]
     sizes: list[int]
     test_images: torch.Tensor
@@ -130,7 +131,9 @@ def run_training(
     configure_torch(1)  # the orchestrator's own math is light; leave the cores to the workers
     progress_factory = progress_factory or (lambda epoch: Progress())
 
-    segments, data_digests, sizes, test_images = _prepare_data(training, data_root, download)
+    # Refuse a run no class of workers can staff before anything is written.
+    wait_for_workers(client, registry, training=training, owners=farm.replicas, timeout=farm.worker_wait)
+    _, data_digests, sizes, test_images = _prepare_data(training, data_root, download)
 
     # Run directory and initial weights.
     state = initial_state_dict(training.seed)
@@ -163,7 +166,7 @@ def run_training(
                 base_digest[:12], initial_test_loss, run_dir)
 
     run = _Run(client=client, training=training, farm=farm, epochs=epochs, run_id=run_id, directory=directory,
-               ledger=ledger, identity=identity, registry=registry, segments=segments, data_digests=data_digests,
+               ledger=ledger, identity=identity, registry=registry, data_root=str(data_root), data_digests=data_digests,
                sizes=sizes, test_images=test_images, initial_test_loss=initial_test_loss)
     return _train_epochs(run, state=state, base_digest=base_digest, first_epoch=1,
                          progress_factory=progress_factory, placement_rng=placement_rng)
@@ -175,7 +178,7 @@ def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
     """Run epochs `first_epoch`..`run.epochs` from `state`, then write the final outputs."""
     client, training, farm, epochs, run_id = run.client, run.training, run.farm, run.epochs, run.run_id
     directory, ledger, identity, registry = run.directory, run.ledger, run.identity, run.registry
-    segments, data_digests, sizes, test_images = run.segments, run.data_digests, run.sizes, run.test_images
+    data_digests, sizes, test_images = run.data_digests, run.sizes, run.test_images
     initial_test_loss = run.initial_test_loss
     status = {"run_id": run_id, "run_dir": str(directory.path.resolve()), "epochs": epochs,
               "state": "waiting for workers", "epoch": first_epoch - 1, "updated_at": time.time()}
@@ -193,13 +196,13 @@ def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
         directory.write_state(status)
         client.publish_status(status)
 
+    referee = Referee(training=training, data_root=run.data_root, data_digests=data_digests, store=client.store,
+                      spec=model_spec()) if farm.arbitrate or farm.spot_check else None
     runner = EpochRunner(client=client, run_id=run_id, training=training, farm=farm,
                          data_digests=data_digests,
                          verifier=WeightsVerifier(client.store, model_spec(), sealing=identity.sealing),
                          identity=identity, registry=registry, ledger=ledger, on_change=publish,
-                         referee=Referee(training=training, segments=segments, store=client.store, spec=model_spec())
-                         if farm.arbitrate or farm.spot_check else None,
-                         rng=placement_rng)
+                         referee=referee, rng=placement_rng)
     try:
         epoch_started = time.monotonic()
         epoch = first_epoch
@@ -257,6 +260,9 @@ def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
         directory.write_state(status)
         client.publish_status(status)
         raise
+    finally:
+        if referee is not None:
+            referee.close()
 
     # Final outputs.
     directory.save_final(state)
@@ -349,7 +355,7 @@ def resume_training(
                          f"{expected[:16]}; check the run with: orchestrator audit {run_dir}")
     configure_torch(1)
     client.store.put(base_weights_key(base_digest), encode(state))
-    segments, data_digests, sizes, test_images = _prepare_data(training, Path(config["data_root"]), False)
+    _, data_digests, sizes, test_images = _prepare_data(training, Path(config["data_root"]), False)
     if data_digests != config["data_digests"]:
         raise ValueError(f"the data under {config['data_root']} differs from the run's; point the run at its data")
 
@@ -370,7 +376,7 @@ def resume_training(
 
     registry = Registry(state_dir, max_strikes=farm.max_strikes)
     run = _Run(client=client, training=training, farm=farm, epochs=config["epochs"], run_id=config["run_id"],
-               directory=directory, ledger=ledger, identity=identity, registry=registry, segments=segments,
+               directory=directory, ledger=ledger, identity=identity, registry=registry, data_root=config["data_root"],
                data_digests=data_digests, sizes=sizes, test_images=test_images,
                initial_test_loss=config["initial_test_loss"])
     return _train_epochs(run, state=state, base_digest=base_digest, first_epoch=last_epoch + 1,

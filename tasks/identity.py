@@ -1,4 +1,4 @@
-"""The worker's identity: its Ed25519 key, the orchestrator's public keys, its numerical environment.
+"""The worker's identity: its Ed25519 key and the orchestrator's public keys.
 
     FARM_WORKER_KEY           path of this worker's private key (created with `orchestrator keygen`)
     FARM_WORKER_KEY_CREATE    "1": create the key at FARM_WORKER_KEY on first start if it is missing
@@ -67,13 +67,3 @@ def orchestrator_keys() -> OrchestratorKeys:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise IdentityError(f"cannot load the orchestrator's public keys from {path}: {error}") from None
 
-
-def numerical_environment(threads: int) -> dict:
-    """Describe what decides the bits this worker computes; it is signed into every result."""
-    import torch
-
-    return {
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": threads,
-    }

@@ -16,15 +16,17 @@ from config.settings import (
     TrainingSettings,
     broker_url_from_env,
     data_root_from_env,
+    device_from_env,
     redis_client,
     store_url_from_env,
 )
+from model.engine import Engine, EngineError
 from protocol.crypto import CryptoError, seal
 from protocol.envelope import WEIGHTS_CONTEXT, seal_result, sign_result, verify_job
 from protocol.messages import TASK_NAME, Job, ProtocolError, Result, loss_bits
 from protocol.store import RedisWeightStore, StoreError, base_weights_key, replica_weights_key
 from tasks.app import app
-from tasks.identity import IdentityError, numerical_environment, orchestrator_keys, worker_key
+from tasks.identity import IdentityError, orchestrator_keys, worker_key
 
 logger = get_task_logger(__name__)
 
@@ -53,17 +55,19 @@ def _store() -> RedisWeightStore:
     return RedisWeightStore(store_url_from_env())
 
 
-@functools.lru_cache(maxsize=8)
-def _segment(root: str, dataset: str, subset: int, segments: int, segment: int):
-    """Return (uint8 images, data digest) of one segment, loaded and hashed once per process."""
-    from model.data import data_digest, load_images, segment_images
+_engines: dict[str, Engine] = {}
 
-    images = load_images(root, dataset, train=True)
-    if subset:
-        images = images[:subset]
-    part = segment_images(images, segments, segment)
-    part = part.contiguous()  # a compact copy, so the cache does not pin strided views
-    return part, data_digest(dataset, segments, segment, part)
+
+def engine(profile: str) -> Engine:
+    """Return this process's training engine for `profile`, stopping any engine of another profile.
+
+    One engine at a time keeps the worker's memory at one copy of torch and the data.
+    """
+    for other in [name for name in _engines if name != profile]:
+        _engines.pop(other).close()
+    if profile not in _engines:
+        _engines[profile] = Engine(profile, device_from_env())
+    return _engines[profile].start()
 
 
 def _reply(job: Job, result: Result) -> None:
@@ -73,25 +77,16 @@ def _reply(job: Job, result: Result) -> None:
 
 
 def _train(job: Job, worker: str, started: float) -> Result:
-    from model.training import job_seed, train_segment
-    from model.weights import decode_verified, encode, model_spec, state_dict_digest
-    from model.data import DatasetError
-
     settings = TrainingSettings.from_dict(job.training)
-    images, digest = _segment(str(data_root_from_env()), settings.dataset, settings.subset, settings.segments, job.segment)
-    if digest != job.data_digest:
-        raise DatasetError(
-            f"dataset mismatch: {settings.dataset} segment {job.segment}/{settings.segments} hashes to "
-            f"{digest[:16]} under data root {data_root_from_env()}, the job expects {job.data_digest[:16]}; "
-            f"point FARM_DATA_ROOT at an unmodified copy of the dataset"
-        )
-
-    base = decode_verified(_store().get(base_weights_key(job.base_digest)), job.base_digest, model_spec())
-    new_state, loss = train_segment(base, images, settings, seed=job_seed(settings.seed, job.epoch, job.segment))
-    weights_digest = state_dict_digest(new_state)
+    reply, blob = engine(settings.profile).train(
+        root=str(data_root_from_env()), training=job.training, epoch=job.epoch, segment=job.segment,
+        base_digest=job.base_digest,
+        base_blob=_store().get(base_weights_key(job.base_digest)), data_digest=job.data_digest,
+    )
     # A random key and a sealed blob: no other worker can find or read these weights.
     weights_key = replica_weights_key(secrets.token_hex(16))
-    _store().put(weights_key, seal(orchestrator_keys().sealing, encode(new_state), WEIGHTS_CONTEXT))
+    _store().put(weights_key, seal(orchestrator_keys().sealing, blob, WEIGHTS_CONTEXT))
+    loss = float(reply["loss"])
     return Result(
         run_id=job.run_id,
         epoch=job.epoch,
@@ -100,12 +95,12 @@ def _train(job: Job, worker: str, started: float) -> Result:
         worker=worker,
         base_digest=job.base_digest,
         status="ok",
-        weights_digest=weights_digest,
+        weights_digest=reply["weights_digest"],
         loss=loss,
         loss_bits=loss_bits(loss),
         seconds=time.monotonic() - started,
         weights_key=weights_key,
-        environment=numerical_environment(settings.threads),
+        environment=reply["environment"],
     )
 
 
@@ -159,17 +154,14 @@ def train_segment_job(self, message: dict) -> dict:
         job.run_id, job.epoch, job.segment, job.assignment_id, job.base_digest[:12],
     )
 
-    from model.data import DatasetError
-    from model.weights import WeightsError
-
     try:
         result = _train(job, worker, started)
     except Exception as error:  # every failure becomes an error result, so the orchestrator re-issues at once
         if isinstance(error, SoftTimeLimitExceeded):
             reason = "timed out: soft time limit reached"
-        elif isinstance(error, (DatasetError, StoreError, WeightsError, SettingsError)):
+        elif isinstance(error, (EngineError, StoreError, SettingsError)) and getattr(error, "kind", "") != "internal":
             reason = str(error)
-            if isinstance(error, (DatasetError, StoreError)):
+            if isinstance(error, StoreError) or getattr(error, "kind", "") in ("dataset", "settings"):
                 _record_health(worker, reason)
         else:
             reason = f"internal error: {type(error).__name__}: {error}"

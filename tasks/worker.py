@@ -15,12 +15,21 @@ from celery.signals import celeryd_after_setup, worker_process_init
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
-from config.settings import DATASETS, broker_url_from_env, data_root_from_env, redis_client, store_url_from_env
+from config.settings import (
+    DATASETS,
+    broker_url_from_env,
+    data_root_from_env,
+    device_from_env,
+    redis_client,
+    store_url_from_env,
+)
+from model.engine import Engine, EngineError
+from model.numerics import PROFILES, class_id, describe, job_environment
 from protocol.heartbeat import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, heartbeat_key
 from protocol.messages import worker_queue
 from tasks.app import app
 from tasks.identity import orchestrator_keys, worker_public_key
-from tasks.jobs import HEALTH_PREFIX
+from tasks.jobs import HEALTH_PREFIX, engine
 
 logger = get_logger(__name__)
 
@@ -35,16 +44,24 @@ def consume_own_queue(sender: str, instance, **_) -> None:
 
 
 @worker_process_init.connect
-def configure_pool_child(**_) -> None:
-    """Import and configure torch in the pool child, after the fork."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MKL_NUM_THREADS", "1")
-    import torch
+def start_engine(**_) -> None:
+    """Start the pool child's training engine for the default profile, so torch loads before the first job.
 
-    torch.set_num_threads(1)
-    torch.set_num_interop_threads(1)
-    torch.use_deterministic_algorithms(True)
-    logger.info("pool child %d ready: torch %s, %d thread", os.getpid(), torch.__version__, torch.get_num_threads())
+    Neither this process nor its parent imports torch: each engine is a fresh process whose
+    profile settings take effect before torch and CUDA start.
+    """
+    engine("default")
+    logger.info("pool child %d ready", os.getpid())
+
+
+def fingerprints(device: str) -> dict[str, dict]:
+    """Return profile -> numerical fingerprint of this machine, measured in one engine per profile."""
+    engines = {profile: Engine(profile, device).start() for profile in PROFILES}
+    try:
+        return {profile: engine.fingerprint() for profile, engine in engines.items()}
+    finally:
+        for engine in engines.values():
+            engine.close()
 
 
 def dataset_health(root: Path) -> dict[str, bool]:
@@ -79,6 +96,18 @@ class Heartbeat(bootsteps.StartStopStep):
         self.client = redis_client(broker_url_from_env(), socket_timeout=5, retries=1)
         self.store = redis_client(store_url_from_env(), socket_timeout=5, retries=1)
         self.claim_name(parent.hostname)
+        self.device = device_from_env()
+        try:
+            self.environments = fingerprints(self.device)
+            self.environment_problem = ""
+        except (EngineError, EOFError, OSError) as error:
+            self.environments = {}
+            self.environment_problem = f"unhealthy: cannot measure the numerical environment on {self.device}: {error}"
+            logger.error("worker %s %s", parent.hostname, self.environment_problem)
+        for profile, fingerprint in self.environments.items():
+            environment = job_environment(fingerprint, threads=1, allow_tf32=False)
+            logger.info("worker %s is in class %s under profile %s: %s", parent.hostname, class_id(environment),
+                        profile, describe(environment))
         root = data_root_from_env()
         if not any(dataset_health(root).values()):
             logger.warning("worker %s has no dataset under data root %s: it stays unhealthy and gets no jobs; "
@@ -129,6 +158,8 @@ class Heartbeat(bootsteps.StartStopStep):
             problem = None
         if problem and health == "ok":
             health = f"unhealthy: {problem.decode()}"
+        if self.environment_problem and health == "ok":
+            health = self.environment_problem
         record = {
             "worker": parent.hostname,
             "public_key": self.public_key,
@@ -140,6 +171,8 @@ class Heartbeat(bootsteps.StartStopStep):
             "datasets": datasets,
             "data_root": str(root),
             "health": health,
+            "device": self.device,
+            "environments": self.environments,  # profile -> fingerprint: the orchestrator derives classes
             "active": active,
             # Counts are keyed by the name shown in Flower, which each job sets to its epoch and segment.
             "processed": sum(worker_state.total_count.values()),

@@ -14,9 +14,11 @@ from click.testing import CliRunner
 
 from config.settings import TrainingSettings
 from model.network import initial_state_dict
+from model.numerics import class_id
 from model.weights import encode, state_dict_digest
 from orchestrator.cli import main
 from orchestrator.local import PROJECT_ROOT
+from orchestrator.staffing import environment_for
 from protocol.heartbeat import read_heartbeats
 from protocol.messages import Job
 from protocol.store import base_weights_key
@@ -84,10 +86,13 @@ def test_too_few_workers_stops_run(farm, client, data_root, tmp_path):
 
     with pytest.raises(StaffingError) as caught:
         train(farm, client, tmp_path / "short", data_root, replicas=4, quorum=2, worker_wait=1.0)
-    assert "need live workers of 4 distinct owners with mnist for the replicas, found 3" in caught.value.message
-    state = json.loads((tmp_path / "short" / "state.json").read_text())
-    assert state["state"] == "failed"
-    assert "need live workers of 4 distinct owners" in state["error"]
+    message = caught.value.message
+    assert "no numerical class holds live workers of 4 distinct owners with mnist" in message
+    # The three workers share one class; the message lists it with its counts.
+    klass = class_id(environment_for(next(iter(client.live_workers().values())), TrainingSettings()))
+    assert f"class {klass} (cpu " in message
+    assert "3 worker(s) of 3 owner(s)" in message
+    assert not (tmp_path / "short").exists()  # refused before anything was written
 
 
 def test_status_command_shows_run(farm, honest_run):
@@ -361,10 +366,11 @@ def test_audit_detects_swapped_final_weights(farm, honest_run, tmp_path):
 
 
 def test_audit_accepts_failed_run(farm, client, data_root, tmp_path):
-    from orchestrator.errors import StaffingError
+    from orchestrator.errors import QuorumError
 
-    with pytest.raises(StaffingError):
-        train(farm, client, tmp_path / "failed", data_root, replicas=4, quorum=2, worker_wait=1.0)
+    # Jobs that expire before any worker can start them, and no re-issue or arbitration: the run fails.
+    with pytest.raises(QuorumError):
+        train(farm, client, tmp_path / "failed", data_root, job_timeout=0.05, max_reissues=0, arbitrate=False)
     result = audit_output(tmp_path / "failed", farm.state_dir)
     assert result.exit_code == 0, result.output
     assert "the run failed" in result.output

@@ -56,16 +56,13 @@ def mode_key(worker: str) -> str:
 
 def honest_state(job):
     """Return the honest result weights of `job`, trained again because the sealed copy cannot be opened."""
-    from config.settings import TrainingSettings
-    from model.training import job_seed, train_segment
     from model.weights import decode_verified, model_spec
 
-    settings = TrainingSettings.from_dict(job.training)
-    images, _ = jobs._segment(str(jobs.data_root_from_env()), settings.dataset, settings.subset,
-                              settings.segments, job.segment)
-    base = decode_verified(jobs._store().get(base_weights_key(job.base_digest)), job.base_digest, model_spec())
-    weights, _ = train_segment(base, images, settings, seed=job_seed(settings.seed, job.epoch, job.segment))
-    return weights
+    reply, blob = jobs.engine(job.training["profile"]).train(
+        root=str(jobs.data_root_from_env()), training=job.training, epoch=job.epoch, segment=job.segment,
+        base_digest=job.base_digest, base_blob=jobs._store().get(base_weights_key(job.base_digest)),
+    )
+    return decode_verified(blob, reply["weights_digest"], model_spec())
 
 
 def push_sealed(job, result: Result, key=None) -> dict:
