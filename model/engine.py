@@ -25,6 +25,7 @@ from model.numerics import check_device, check_profile, overridden, profile_envi
 
 logger = logging.getLogger(__name__)
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 30
 
@@ -79,10 +80,12 @@ class Engine:
             return self
         for name, (theirs, ours) in overridden(self.profile, self.base_env).items():
             logger.warning("profile %s sets %s=%s in place of %s", self.profile, name, ours, theirs)
+        env = profile_environment(self.profile, self.device, self.base_env)
+        # The engine imports this package wherever the parent was started from.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT_ROOT, env.get("PYTHONPATH")]))
         self._process = subprocess.Popen(
             [sys.executable, "-m", "model.engine", self.profile, self.device, str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env=profile_environment(self.profile, self.device, self.base_env),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         logger.info("started %s engine on %s as process %d", self.profile, self.device, self._process.pid)
         return self

@@ -10,7 +10,7 @@ class FarmError(click.ClickException):
 
 
 class StaffingError(FarmError):
-    """Too few live, healthy workers to place every replica of a job on a distinct worker."""
+    """No numerical class holds enough live, healthy workers of distinct owners for every replica of a job."""
 
     exit_code = 3
 

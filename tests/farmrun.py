@@ -31,14 +31,15 @@ class AttackersFirst(random.Random):
 
 
 def train(farm: LocalFarm, client: FarmClient, run_dir: Path, data_root: Path, *, epochs: int = 2,
-          run_id: str | None = None, placement_rng: random.Random | None = None, **farm_options) -> RunResult:
+          run_id: str | None = None, placement_rng: random.Random | None = None, training: dict | None = None,
+          **farm_options) -> RunResult:
     # Strikes would quarantine the test attacker after a few cases; tests of quarantine lower this.
     # Speculative re-issues would make replica counts depend on timing; the straggler test turns them on.
     settings = FarmSettings(**{"job_timeout": 120.0, "worker_wait": 60.0, "max_strikes": 1000,
                                "straggler_factor": 0.0, **farm_options})
     result = run_training(
         client=client,
-        training=TrainingSettings(subset=SUBSET, seed=3),
+        training=TrainingSettings(**{"subset": SUBSET, "seed": 3, **(training or {})}),
         farm=settings,
         epochs=epochs,
         run_dir=run_dir,

@@ -112,6 +112,7 @@ def push_result_as(farm, client, *, run_id: str, worker: str, key) -> None:
         ("oversized", "over the limit of"),
         ("wrong-shape", "tensor encoder.0.weight is torch.float32[784, 128], expected torch.float32[128, 784]"),
         ("nan", "tensor decoder.4.weight contains NaN or infinite values"),
+        ("other-class", "differs from the job's class"),
     ],
 )
 def test_bad_weights_rejected(mode, reason, attacked_farm, attacked_client, data_root, tmp_path, honest_run):

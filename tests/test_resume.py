@@ -105,13 +105,14 @@ def test_resume_of_finished_run_refused(farm, uninterrupted):
 
 
 def test_resume_after_failure_completes(farm, client, data_root, tmp_path, uninterrupted):
-    from orchestrator.errors import StaffingError
+    from orchestrator.errors import QuorumError
 
     run_dir = tmp_path / "failed"
-    with pytest.raises(StaffingError):
-        train(farm, client, run_dir, data_root, epochs=EPOCHS, replicas=4, quorum=2, worker_wait=1.0)
+    # Jobs expire before any worker can start them, and nothing re-issues or settles them: the run fails.
+    with pytest.raises(QuorumError):
+        train(farm, client, run_dir, data_root, epochs=EPOCHS, job_timeout=0.05, max_reissues=0, arbitrate=False)
     config = json.loads((run_dir / "run.json").read_text())
-    config["farm"]["replicas"] = 2  # the operator fixes the cause, then resumes
+    config["farm"]["job_timeout"] = 120.0  # the operator fixes the cause, then resumes
     (run_dir / "run.json").write_text(json.dumps(config))
 
     result = resume_training(client=client, run_dir=run_dir, state_dir=farm.state_dir)

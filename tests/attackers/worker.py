@@ -13,6 +13,7 @@ mode_key(worker), or for every attacker at once by setting ATTACK_MODE_KEY:
     nan          return weights with a NaN in one tensor
     poison       return weights shifted by a fixed amount with the honest loss; colluders agree on them
     wrong-loss   return the honest weights with a slightly different loss
+    other-class  return the honest result, claiming a numerical environment of another class
     unknown-job  first send a result for an assignment that was never issued
     duplicate    send the same sealed result twice
     replay       first send the sealed result it sent for its previous job
@@ -161,6 +162,8 @@ def lying_train_segment(self, message: dict) -> dict:
         else:
             weights["decoder.8.bias"] = weights["decoder.8.bias"] + 0.25
         result = replace_weights(job, honest, weights)
+    elif mode == "other-class":
+        result = dataclasses.replace(honest, environment={**honest.environment, "cpu_capability": "AVX2"})
     elif mode == "wrong-loss":
         loss = honest.loss + 1e-4
         result = dataclasses.replace(honest, loss=loss, loss_bits=loss_bits(loss))
