@@ -10,8 +10,8 @@ and half after it stops, so that slow drifts of a shared machine hit both sides.
     ratio = farm epoch time / (S x R x plain pass time / W)
 
 the farm's cost over ideal, overhead-free parallel work, and each worker's peak resident
-memory (parent plus pool child). Epoch 1 is excluded as warm-up (pool children load torch
-and the dataset).
+memory (Celery parent, pool child and training engine). Epoch 1 is excluded as warm-up (the
+engines load the dataset).
 """
 
 from __future__ import annotations
@@ -93,9 +93,12 @@ def main() -> None:
         memory = {}
         for node, process in farm.workers.items():
             parent = peak_rss_mib(process.pid)
-            children = [peak_rss_mib(child) for child in child_pids(process.pid)]
-            memory[node] = {"parent_mib": parent, "pool_child_mib": max(children, default=0.0),
-                            "total_mib": parent + sum(children)}
+            children = child_pids(process.pid)  # the pool child
+            engines = [engine for child in children for engine in child_pids(child)]  # its training engine
+            pool = sum(peak_rss_mib(child) for child in children)
+            engine = sum(peak_rss_mib(pid) for pid in engines)
+            memory[node] = {"parent_mib": parent, "pool_child_mib": pool, "engine_mib": engine,
+                            "total_mib": parent + pool + engine}
 
     finished = [record["finished_at"] for record in result.metrics]
     steady = [b - a for a, b in zip(finished, finished[1:])]  # epoch-to-epoch cadence after warm-up
@@ -121,7 +124,7 @@ def main() -> None:
     print(f"ratio farm / ideal: {ratio:.3f}")
     for node, usage in memory.items():
         print(f"peak RSS {node}: parent {usage['parent_mib']:.0f} MiB + pool child "
-              f"{usage['pool_child_mib']:.0f} MiB = {usage['total_mib']:.0f} MiB")
+              f"{usage['pool_child_mib']:.0f} MiB + engine {usage['engine_mib']:.0f} MiB = {usage['total_mib']:.0f} MiB")
     print(f"test loss per epoch: {['%.5f' % loss for loss in report['test_loss']]}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
