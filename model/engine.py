@@ -1,10 +1,10 @@
 """A training process per numerical profile, started fresh so its settings precede torch and CUDA.
 
 MKL, ATen and cuBLAS read their numeric settings once, when torch loads or CUDA starts, so a
-process cannot change profile after the fact. An `Engine` is a child process started with
-`python -m model.engine` (exec, never a bare fork) under its profile's environment; the
-parent sends it jobs over a pipe. The parent imports no torch, and CUDA only ever starts in
-the engine, which forks nothing.
+process cannot change profile after the fact. An `Engine` is therefore a child process,
+started with `python -m model.engine` (exec, never a bare fork) under its profile's
+environment. The parent sends it jobs over a pipe and imports no torch itself. CUDA only
+starts in the engine, which forks nothing.
 
 Messages on the pipe: a 4-byte length, a JSON header, an 8-byte length, a binary payload.
 """
@@ -179,7 +179,7 @@ def _build_line(config: str, marker: str) -> str:
 
 
 def fingerprint(profile: str, device: str) -> dict:
-    """Describe what decides the bits this process computes (it must run in the engine)."""
+    """Return the versions and settings that decide the bits this process computes; call it in the engine."""
     import platform
 
     import torch
@@ -278,7 +278,7 @@ class _Trainer:
 
 
 def serve(profile: str, device: str, parent: int) -> None:
-    """Answer requests on stdin until it closes; anything printed goes to stderr, not the pipe."""
+    """Serve requests from stdin until it closes; anything printed goes to stderr, not the pipe."""
     _die_with_parent(parent)
     requests = os.fdopen(os.dup(0), "rb")
     replies = os.fdopen(os.dup(1), "wb")

@@ -94,7 +94,7 @@ def class_id(environment: Mapping[str, object]) -> str:
 
 
 def describe(environment: Mapping[str, object]) -> str:
-    """Return a one-line summary of an environment for operators, e.g. 'cpu AVX512, torch 2.14.1, portable'."""
+    """Return a one-line summary of an environment, e.g. 'cpu DEFAULT, torch 2.14.1, profile portable, 1 thread(s)'."""
     if environment.get("device") == "cuda":
         device = f"{environment.get('gpu')} (sm {environment.get('gpu_capability')}, CUDA {environment.get('cuda')})"
     else:

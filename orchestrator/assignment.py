@@ -47,8 +47,8 @@ def choose_class(
     """Return the numerical class a new job's replicas go to, or None when no class has a worker.
 
     `members` maps each eligible worker to (owner, class). Classes that can take all `count`
-    replicas on distinct owners come first, then the class whose least loaded workers carry
-    the least load; ties are broken at random.
+    replicas on distinct owners come first. Among them, the class whose least loaded workers
+    carry the least load wins, and ties are broken at random.
     """
     by_class: dict[str, dict[str, str]] = {}
     for worker, (owner, klass) in members.items():

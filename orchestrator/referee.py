@@ -30,7 +30,7 @@ class Referee:
     """Train a segment job in a CPU engine of the run's profile, exactly as an honest worker would.
 
     Its verdict only means something for jobs of its own numerical class, `klass`. The
-    engine starts on first use and holds its own copy of torch and the data.
+    engine starts on first use and keeps its own copy of torch and the data.
     """
 
     def __init__(self, *, training: TrainingSettings, data_root: str, data_digests: list[str], store: WeightStore,

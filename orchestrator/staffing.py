@@ -1,8 +1,8 @@
 """Who may train a run's jobs: eligible workers, their numerical classes, and the staffing check.
 
 Workers advertise a numerical fingerprint per profile in their heartbeats. A worker's class
-for a run is the digest of that fingerprint plus the run's thread count and TF32 flag;
-only workers of one class can return the same bits for a job.
+for a run is the digest of that fingerprint plus the run's thread count and TF32 flag.
+Only workers of one class can return the same bits for a job.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def class_table(members: Mapping[str, Member]) -> list[str]:
 
 def wait_for_workers(client: FarmClient, registry: Registry, *, training: TrainingSettings, owners: int,
                      timeout: float) -> dict[str, Member]:
-    """Wait until one class holds eligible workers of `owners` distinct owners; raise StaffingError otherwise."""
+    """Wait until one class contains eligible workers of `owners` distinct owners; raise StaffingError otherwise."""
     deadline = time.monotonic() + timeout
     announced = False
     while True:

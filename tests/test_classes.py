@@ -1,8 +1,8 @@
 """Homogeneous redundancy on a real farm whose workers emulate two kinds of CPU.
 
-Workers native1 and native2 run torch's own kernels; baseline1 and baseline2 emulate an older
+Workers native1 and native2 run torch's own kernels. baseline1 and baseline2 emulate an older
 CPU through ATen's baseline kernels and MKL's SSE4.2 path, which change the bits. Under the
-default profile they form two classes; under the portable profile, one.
+default profile the farm has two classes, and under the portable profile one.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def test_default_profile_splits_the_farm_into_two_classes(mixed_farm, mixed_clie
     classes = classes_of(mixed_client, "default")
     native = {classes[mixed_farm.node("native1")], classes[mixed_farm.node("native2")]}
     baseline = {classes[mixed_farm.node("baseline1")], classes[mixed_farm.node("baseline2")]}
-    assert len(native) == 1 and len(baseline) == 1 and native != baseline
+    assert len(native) == 1
+    assert len(baseline) == 1
+    assert native != baseline
     assert len(set(classes_of(mixed_client, "portable").values())) == 1
 
 
@@ -64,9 +66,10 @@ def test_workers_list_shows_each_workers_classes(mixed_farm, mixed_client):
         node = mixed_farm.node(name)
         line = next(line for line in result.output.splitlines() if line.startswith(node))
         assert line.split()[-2:] == [default[node], portable[node]]
-    assert "CLASS DEFAULT" in result.output and "CLASS PORTABLE" in result.output
+    assert "CLASS DEFAULT" in result.output
+    assert "CLASS PORTABLE" in result.output
     assert f"  {portable[mixed_farm.node('native1')]}  cpu DEFAULT, torch " in result.output
-    assert ": 4 worker(s)" in result.output  # the portable class holds all four
+    assert ": 4 worker(s)" in result.output  # the portable class contains all four
 
 
 def test_replicas_of_a_job_stay_in_one_class(mixed_farm, mixed_client, data_root, tmp_path):
@@ -76,7 +79,9 @@ def test_replicas_of_a_job_stay_in_one_class(mixed_farm, mixed_client, data_root
     record = result.metrics[0]
     assert record["accepted"] == SEGMENTS
     # Replicas of one job from two classes would disagree (their bits differ) and be rejected.
-    assert record["disagreements"] == 0 and not record["rejected"] and not record["failed"]
+    assert record["disagreements"] == 0
+    assert not record["rejected"]
+    assert not record["failed"]
     accepted = [json.loads(line)["data"] for line in (result.run_dir / "ledger.jsonl").read_text().splitlines()
                 if json.loads(line)["kind"] == "segment_accepted"]
     used = set()
@@ -116,6 +121,8 @@ def test_portable_profile_lets_every_worker_agree(mixed_farm, mixed_client, data
     result = train(mixed_farm, mixed_client, tmp_path / "portable", data_root, epochs=1, replicas=4, quorum=4,
                    training={"profile": "portable"})
     record = result.metrics[0]
-    assert record["accepted"] == 2 and record["disagreements"] == 0 and not record["rejected"]
+    assert record["accepted"] == 2
+    assert record["disagreements"] == 0
+    assert not record["rejected"]
     for segment in record["accepted_segments"]:
         assert len(segment["voters"]) == 4  # native and emulated baseline CPUs returned the same bits

@@ -2,8 +2,8 @@
 
 The instruction-set matrix emulates CPUs with fewer vector units through the variables torch
 and its libraries honour: ATEN_CPU_CAPABILITY (ATen's kernels), MKL_ENABLE_INSTRUCTIONS (MKL's
-code path) and ONEDNN_MAX_CPU_ISA (oneDNN's). Under the portable profile every variant must
-train to the same digest in one class; under the default profile, variants whose digests
+code path) and ONEDNN_MAX_CPU_ISA (oneDNN's). Under the portable profile, every variant must
+train to the same digest in one class. Under the default profile, variants whose digests
 differ must fall into different classes.
 """
 
@@ -147,7 +147,8 @@ def test_fingerprint_describes_the_build_and_the_settings():
         assert fingerprint["torch"] == torch.__version__
         assert fingerprint["torch_commit"] == torch.version.git_version
         assert fingerprint["device"] == "cpu"
-        assert fingerprint["blas"] != "none" and fingerprint["onednn"] != "none"
+        assert fingerprint["blas"] != "none"
+        assert fingerprint["onednn"] != "none"
         assert fingerprint["matmul_precision"] == "highest"
     assert default_print["profile"] == "default"
     assert default_print["cpu_capability"] == "AVX2"
@@ -166,7 +167,8 @@ def test_fingerprint_describes_the_build_and_the_settings():
 
 def test_job_environment_reports_the_threads_used(data_root, matrix):
     _, klass, environment = matrix["default"]["native"]
-    assert environment["threads"] == 1 and environment["tf32"] == 0
+    assert environment["threads"] == 1
+    assert environment["tf32"] == 0
     engine = Engine("default", base_env=clean_environment())
     try:
         assert klass == class_id(job_environment(engine.fingerprint(), threads=1, allow_tf32=False))
@@ -177,7 +179,7 @@ def test_job_environment_reports_the_threads_used(data_root, matrix):
 # --- the instruction-set matrix -------------------------------------------------------
 
 
-def test_portable_profile_gives_every_variant_the_same_digest_and_class(matrix):
+def test_portable_profile_unifies_variants(matrix):
     digests = {name: digest for name, (digest, _, _) in matrix["portable"].items()}
     classes = {name: klass for name, (_, klass, _) in matrix["portable"].items()}
     assert len(set(digests.values())) == 1, digests

@@ -65,13 +65,13 @@ def test_staffed_classes_count_distinct_owners():
     assert staffed_classes(eligible_workers(HEARTBEATS, same_owner, TrainingSettings()), 2) == [klass(AVX512)]
 
 
-def test_choose_class_prefers_a_class_that_takes_every_replica():
+def test_choose_class_prefers_full_staffing():
     members = {"w1": ("alice", "x"), "w2": ("bob", "y"), "w3": ("carol", "y")}
     for seed in range(20):
         assert choose_class(members, count=2, load=Counter(), rng=random.Random(seed)) == "y"
 
 
-def test_choose_class_balances_load_and_breaks_ties_at_random():
+def test_choose_class_balances_load():
     members = {"w1": ("alice", "x"), "w2": ("bob", "x"), "w3": ("carol", "y"), "w4": ("dave", "y")}
     assert choose_class(members, count=2, load=Counter({"w1": 1, "w2": 1})) == "y"
     picks = {choose_class(members, count=2, load=Counter(), rng=random.Random(seed)) for seed in range(40)}
