@@ -249,3 +249,30 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+# --- the GPU determinism script -------------------------------------------------------
+
+
+def run_gpu_script(data_root, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/gpu_determinism.py", "--data-root", str(data_root),
+                           "--subset", "1000", *options], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_gpu_script_compares_two_runs(data_root):
+    # On the CPU the script's comparison runs end to end; the GPU itself is checked where one exists.
+    result = run_gpu_script(data_root, "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    digests = [line.split("weights ")[1].split(",")[0] for line in result.stdout.splitlines()
+               if line.startswith("run ")]
+    assert len(digests) == 2
+    assert digests[0] == digests[1]
+    assert "identical: both runs returned the same weights and loss" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the exit status on a machine without a GPU")
+def test_gpu_script_without_a_gpu_exits_2(data_root):
+    result = run_gpu_script(data_root)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no GPU: device cuda requested, but torch sees no CUDA device" in result.stderr
