@@ -337,7 +337,8 @@ def resume_training(
     """
     directory = RunDirectory(run_dir)
     config = directory.read_config()
-    training = TrainingSettings.from_dict(config["training"])
+    # Runs started before numerical profiles existed trained under the default profile without TF32.
+    training = TrainingSettings.from_dict({"profile": "default", "allow_tf32": False, **config["training"]})
     farm = FarmSettings(**config["farm"]).validate()
     identity = OrchestratorIdentity.load(state_dir)
     ledger, entries = Ledger.reopen(directory.path, identity.signing)
