@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config.settings import TrainingSettings  # noqa: E402
+from config.settings import TrainingSettings, data_root_from_env  # noqa: E402
 from model.engine import Engine  # noqa: E402
 from model.network import initial_state_dict  # noqa: E402
 from model.numerics import PROFILES, class_id, describe  # noqa: E402
@@ -32,7 +32,8 @@ from model.weights import encode, state_dict_digest  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", type=Path, required=True, help="datasets in torchvision's layout")
+    parser.add_argument("--data-root", type=Path, default=data_root_from_env(),
+                        help="datasets in torchvision's layout (default: FARM_DATA_ROOT or ./data)")
     parser.add_argument("--rounds", type=int, default=5, help="timed jobs per profile (default 5)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()

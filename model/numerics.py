@@ -101,7 +101,14 @@ def describe(environment: Mapping[str, object]) -> str:
         device = f"cpu {environment.get('cpu_capability')}"
         if environment.get("cpu_model"):
             device += f" ({environment['cpu_model']})"
-    parts = [device, f"torch {environment.get('torch')}", f"profile {environment.get('profile')}"]
+    parts = [device]
+    # Variables that are set tell apart classes on the same processor.
+    settings = [f"{name}={environment[name]}" for name in CPU_VARIABLES + GPU_VARIABLES if environment.get(name)]
+    if settings:
+        parts.append(" ".join(settings))
+    parts += [f"torch {environment.get('torch')}", f"profile {environment.get('profile')}"]
     if "threads" in environment:
         parts.append(f"{environment['threads']} thread(s)")
+    if environment.get("tf32"):
+        parts.append("TF32")
     return ", ".join(parts)

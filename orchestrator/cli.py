@@ -225,7 +225,7 @@ def _train(client: FarmClient, training: TrainingSettings, farm: FarmSettings, o
 def _report(result) -> None:
     last = result.metrics[-1]
     click.echo(f"Run {result.run_id} finished: test loss {result.initial_test_loss:.5f} (initial weights) -> "
-               f"{last['test_loss']:.5f} after {len(result.metrics)} epochs")
+               f"{last['test_loss']:.5f} after {len(result.metrics)} epoch(s)")
     click.echo(f"Final weights digest: {result.final_digest}")
     click.echo(f"Run directory: {result.run_dir.resolve()} (final.safetensors, metrics.jsonl, loss.png, reconstructions.png)")
 
@@ -293,7 +293,7 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
-    click.echo("Stopped Redis, workers and Flower.")
+    click.echo("Stopped Redis and the workers" + (" and Flower." if flower else "."))
 
 
 @main.command()
@@ -369,17 +369,18 @@ def status(run_dir: Path | None, as_json: bool, state_dir: Path, broker_url: str
         click.echo(f"  error: {state['error']}")
     for segment, info in sorted(state.get("segments", {}).items(), key=lambda item: int(item[0])):
         decision = f"accepted {info['decision'][:12]}" if info["decision"] else "undecided"
-        click.echo(f"  segment {segment}: {decision}")
+        klass = f" (class {info['class']})" if info.get("class") else ""
+        click.echo(f"  segment {segment}: {decision}{klass}")
         for replica in info["replicas"]:
             detail = replica["weights_digest"][:12] or replica["reason"]
             click.echo(f"    {replica['assignment_id'][:12]} {replica['worker']:<30} {replica['status']:<9} {detail}")
 
 
-def _print_workers(live: dict[str, dict], enrollments: dict) -> None:
+def _print_workers(live: dict[str, dict], enrollments: dict, *, threads: int = 1, allow_tf32: bool = False) -> None:
     if not live and not enrollments:
         click.echo("No live or enrolled workers. Start one with: celery -A tasks worker -n NAME@%h")
         return
-    from model.numerics import class_id, describe, job_environment
+    from model.numerics import PROFILE_THREADS, class_id, describe, job_environment
 
     click.echo(f"{'WORKER':<28} {'OWNER':<14} {'STANDING':<12} {'LIVE':<10} {'VALID':>5} {'STRIKES':>7} {'JOBS':>5}  "
                + "  ".join(f"{'CLASS ' + profile.upper():<14}" for profile in PROFILES))
@@ -400,12 +401,12 @@ def _print_workers(live: dict[str, dict], enrollments: dict) -> None:
             state = "unhealthy"
         else:
             state = "busy" if record.get("active") else "idle"
-        # Classes for one thread and TF32 off, the defaults of a run.
         fingerprints = (record or {}).get("environments") or {}
         labels = []
         for profile in PROFILES:
             if isinstance(fingerprints.get(profile), dict):
-                environment = job_environment(fingerprints[profile], threads=1, allow_tf32=False)
+                profile_threads = PROFILE_THREADS.get(profile, threads)  # a profile may fix the thread count
+                environment = job_environment(fingerprints[profile], threads=profile_threads, allow_tf32=allow_tf32)
                 klass = class_id(environment)
                 legend.setdefault(klass, (describe(environment), []))[1].append(name)
                 labels.append(f"{klass:<14}")
@@ -419,7 +420,9 @@ def _print_workers(live: dict[str, dict], enrollments: dict) -> None:
         if entry is not None and record is not None and record.get("public_key") != entry.public_key:
             click.echo("    its public key differs from the enrolled one: re-enroll it or check the key file")
     if legend:
-        click.echo("\nNumerical classes (one thread, no TF32); replicas of a job only go to workers of one class:")
+        click.echo(f"\nNumerical classes for runs with {threads} thread(s) (profiles that fix the count use theirs) "
+                   f"and TF32 {'on' if allow_tf32 else 'off'}; "
+                   "replicas of a job only go to workers of one class:")
         for klass, (description, names) in legend.items():
             click.echo(f"  {klass}  {description}: {len(names)} worker(s)")
 
@@ -443,10 +446,13 @@ def workers(context: click.Context, as_json: bool, state_dir: Path, broker_url: 
 
 @workers.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print heartbeat and enrollment records as JSON.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Show the classes for runs with this many torch threads per job.")
+@click.option("--allow-tf32", is_flag=True, help="Show the classes for runs that allow TF32 on GPUs.")
 @state_dir_option
 @connection_options
 def list_workers(as_json: bool = False, state_dir: Path | None = None, broker_url: str | None = None,
-                 store_url: str | None = None) -> None:
+                 store_url: str | None = None, threads: int = 1, allow_tf32: bool = False) -> None:
     """List live and enrolled workers: owner, standing, health, valid results, strikes, jobs, classes."""
     import dataclasses
 
@@ -462,7 +468,7 @@ def list_workers(as_json: bool = False, state_dir: Path | None = None, broker_ur
                                       "enrollment": dataclasses.asdict(enrollments[name]) if name in enrollments else None}
                                for name in names}, indent=2))
     else:
-        _print_workers(live, enrollments)
+        _print_workers(live, enrollments, threads=threads, allow_tf32=allow_tf32)
 
 
 @workers.command("enroll")

@@ -61,6 +61,7 @@ class EpochOutcome:
     arbitrated: list[int] = field(default_factory=list)  # segments the orchestrator decided by re-execution
     speculative: int = 0  # replicas issued because another replica of the same job straggled
     accepted_bits: dict[int, str] = field(default_factory=dict)  # segment -> loss bits of the decision
+    classes: dict[int, str] = field(default_factory=dict)  # segment -> numerical class of its replicas
 
 
 class EpochRunner:
@@ -473,4 +474,5 @@ class EpochRunner:
             arbitrated=sorted(self._arbitrated_losses),
             speculative=self._speculative,
             accepted_bits=bits_of,
+            classes={k: vote.klass for k, vote in self._votes.items()},
         )

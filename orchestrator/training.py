@@ -69,7 +69,8 @@ def _epoch_record(epoch: int, outcome: EpochOutcome, sizes: list[int], digest: s
         "rejected": [asdict(r) for r in outcome.rejected],
         "failed": [asdict(r) for r in outcome.failed],
         "accepted_segments": [
-            {"segment": k, "weights_digest": d, "loss": loss, "voters": voters, "replicas": outcome.replicas[k]}
+            {"segment": k, "weights_digest": d, "loss": loss, "class": outcome.classes.get(k), "voters": voters,
+             "replicas": outcome.replicas[k]}
             for k, (d, loss, voters) in sorted(outcome.accepted.items())
         ],
         "finished_at": time.time(),
@@ -161,9 +162,9 @@ def run_training(
         "training": training.to_dict(), "initial_digest": base_digest, "data_digests": data_digests,
         "orchestrator_key": public_key_text(identity.signing),
     })
-    logger.info("run %s: %d epoch(s), %d segments x %d replicas, quorum %d, initial weights %s (test loss %.5f), "
-                "run directory %s", run_id, epochs, training.segments, farm.replicas, farm.quorum,
-                base_digest[:12], initial_test_loss, run_dir)
+    logger.info("run %s: %d epoch(s), %d segments x %d replicas, quorum %d, profile %s, initial weights %s "
+                "(test loss %.5f), run directory %s", run_id, epochs, training.segments, farm.replicas, farm.quorum,
+                training.profile, base_digest[:12], initial_test_loss, run_dir)
 
     run = _Run(client=client, training=training, farm=farm, epochs=epochs, run_id=run_id, directory=directory,
                ledger=ledger, identity=identity, registry=registry, data_root=str(data_root), data_digests=data_digests,
@@ -188,7 +189,7 @@ def _train_epochs(run: _Run, *, state: dict, base_digest: str, first_epoch: int,
     def publish(epoch: int, votes: dict[int, SegmentVote]) -> None:
         # Status goes to Redis, which workers can read: no digest or loss of an undecided job may leak.
         status.update(state="running", epoch=epoch, updated_at=time.time(), segments={
-            str(k): {"decision": vote.decision[0] if vote.decision else None,
+            str(k): {"decision": vote.decision[0] if vote.decision else None, "class": vote.klass,
                      "replicas": [replica.summary(reveal=vote.decision is not None)
                                   for replica in vote.replicas.values()]}
             for k, vote in votes.items()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config.settings import TrainingSettings  # noqa: E402
+from config.settings import TrainingSettings, data_root_from_env  # noqa: E402
 from model.engine import Engine, EngineError  # noqa: E402
 from model.network import initial_state_dict  # noqa: E402
 from model.numerics import class_id, describe  # noqa: E402
@@ -45,7 +45,8 @@ def train_in_fresh_engine(device: str, training: TrainingSettings, data_root: Pa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", type=Path, required=True, help="datasets in torchvision's layout")
+    parser.add_argument("--data-root", type=Path, default=data_root_from_env(),
+                        help="datasets in torchvision's layout (default: FARM_DATA_ROOT or ./data)")
     parser.add_argument("--subset", type=int, default=0, help="train on the first N images only (default: all)")
     parser.add_argument("--allow-tf32", action="store_true", help="let the GPU use TF32 matrix products")
     parser.add_argument("--compare-cpu", action="store_true", help="also train the job on the CPU")

@@ -68,8 +68,21 @@ def test_workers_list_shows_each_workers_classes(mixed_farm, mixed_client):
         assert line.split()[-2:] == [default[node], portable[node]]
     assert "CLASS DEFAULT" in result.output
     assert "CLASS PORTABLE" in result.output
-    assert f"  {portable[mixed_farm.node('native1')]}  cpu DEFAULT, torch " in result.output
+    assert f"  {portable[mixed_farm.node('native1')]}  cpu DEFAULT, ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE " in result.output
     assert ": 4 worker(s)" in result.output  # the portable class contains all four
+    assert "ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2, torch " in result.output
+
+
+def test_workers_list_shows_classes_for_other_threads(mixed_farm, mixed_client):
+    result = CliRunner().invoke(main, ["workers", "list", "--threads", "2", "--broker-url", mixed_farm.broker_url,
+                                       "--state-dir", str(mixed_farm.state_dir)])
+    assert result.exit_code == 0, result.output
+    node = mixed_farm.node("native1")
+    line = next(line for line in result.output.splitlines() if line.startswith(node))
+    record = mixed_client.live_workers()[node]
+    assert line.split()[-2] == class_id(environment_for(record, TrainingSettings(threads=2)))
+    assert line.split()[-1] == class_id(environment_for(record, TrainingSettings(profile="portable")))
+    assert "for runs with 2 thread(s)" in result.output
 
 
 def test_replicas_of_a_job_stay_in_one_class(mixed_farm, mixed_client, data_root, tmp_path):

@@ -162,7 +162,8 @@ def test_fingerprint_describes_the_build_and_the_settings():
     # MKL's reproducible mode fixes its code path, and the processor model no longer matters.
     assert "MKL_ENABLE_INSTRUCTIONS" not in portable_print
     assert "cpu_model" not in portable_print
-    assert describe(job_environment(portable_print, threads=1, allow_tf32=False)).startswith("cpu DEFAULT, torch ")
+    assert describe(job_environment(portable_print, threads=1, allow_tf32=False)).startswith(
+        "cpu DEFAULT, ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=SSE41, torch ")
 
 
 def test_job_environment_reports_the_threads_used(data_root, matrix):
