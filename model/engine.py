@@ -21,7 +21,7 @@ import threading
 from collections.abc import Mapping
 from typing import BinaryIO
 
-from model.numerics import check_device, check_profile, overridden, profile_environment
+from model.numerics import CPU_VARIABLES, GPU_VARIABLES, check_device, check_profile, overridden, profile_environment
 
 logger = logging.getLogger(__name__)
 
@@ -202,13 +202,13 @@ def fingerprint(profile: str, device: str) -> dict:
             "gpu": torch.cuda.get_device_name(0), "gpu_capability": f"{major}.{minor}",
             "cuda": torch.version.cuda or "none", "cudnn": torch.backends.cudnn.version() or 0,
             "cudnn_deterministic": int(torch.backends.cudnn.deterministic),
-            "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""),
+            **{name: os.environ.get(name, "") for name in GPU_VARIABLES},
         })
         return result
     result["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if profile == "default":
         result["cpu_model"] = _cpu_model()  # MKL's fastest path depends on the exact processor
-    for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
+    for name in CPU_VARIABLES:
         result[name] = os.environ.get(name, "")
     if result["MKL_CBWR"].startswith("COMPATIBLE"):
         del result["MKL_ENABLE_INSTRUCTIONS"]  # MKL's reproducible mode fixes the code path by itself

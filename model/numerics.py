@@ -33,10 +33,10 @@ PROFILES: dict[str, dict[str, str]] = {
 }
 PROFILE_THREADS = {"portable": 1}  # profiles that fix the thread count
 
-# Variables that change the bits a CPU computes; each is part of the fingerprint.
+# Variables that change the bits a CPU computes. Each is part of the fingerprint.
 CPU_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 GPU_VARIABLES = ("CUBLAS_WORKSPACE_CONFIG",)
-# cuBLAS is deterministic only with a fixed workspace; PyTorch documents these two values.
+# cuBLAS is deterministic only with a fixed workspace, and PyTorch's reproducibility notes give these two values.
 CUBLAS_WORKSPACE = ":4096:8"
 DEVICES = ("cpu", "cuda")
 CLASS_DIGITS = 12  # hex digits of a class id: plenty to tell apart the classes of one farm

@@ -380,7 +380,8 @@ def _print_workers(live: dict[str, dict], enrollments: dict, *, threads: int = 1
     if not live and not enrollments:
         click.echo("No live or enrolled workers. Start one with: celery -A tasks worker -n NAME@%h")
         return
-    from model.numerics import PROFILE_THREADS, class_id, describe, job_environment
+    from model.numerics import PROFILE_THREADS, class_id, describe
+    from orchestrator.staffing import environment_for
 
     click.echo(f"{'WORKER':<28} {'OWNER':<14} {'STANDING':<12} {'LIVE':<10} {'VALID':>5} {'STRIKES':>7} {'JOBS':>5}  "
                + "  ".join(f"{'CLASS ' + profile.upper():<14}" for profile in PROFILES))
@@ -401,12 +402,13 @@ def _print_workers(live: dict[str, dict], enrollments: dict, *, threads: int = 1
             state = "unhealthy"
         else:
             state = "busy" if record.get("active") else "idle"
-        fingerprints = (record or {}).get("environments") or {}
         labels = []
         for profile in PROFILES:
-            if isinstance(fingerprints.get(profile), dict):
-                profile_threads = PROFILE_THREADS.get(profile, threads)  # a profile may fix the thread count
-                environment = job_environment(fingerprints[profile], threads=profile_threads, allow_tf32=allow_tf32)
+            # A profile may fix the thread count; its runs then use that count.
+            settings = TrainingSettings(profile=profile, threads=PROFILE_THREADS.get(profile, threads),
+                                        allow_tf32=allow_tf32)
+            environment = environment_for(record or {}, settings)
+            if environment is not None:
                 klass = class_id(environment)
                 legend.setdefault(klass, (describe(environment), []))[1].append(name)
                 labels.append(f"{klass:<14}")

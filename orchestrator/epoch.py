@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from config.settings import FarmSettings, TrainingSettings
+from model.numerics import class_id, describe
 from model.weights import StateDict
 from orchestrator.assignment import choose_class, choose_workers
 from orchestrator.client import FarmClient
@@ -27,7 +28,6 @@ from orchestrator.staffing import Member, eligible_workers, wait_for_workers
 from orchestrator.verify import EpochContext, Rejection, WeightsVerifier, check_binding
 from protocol.crypto import CryptoError, parse_public_key
 from protocol.envelope import open_result, sign_job, verify_result
-from model.numerics import class_id, describe
 from protocol.messages import Job, ProtocolError, Result
 
 logger = logging.getLogger(__name__)
@@ -250,8 +250,9 @@ class EpochRunner:
             return True
         replica.weights_key = result.weights_key
         try:
-            if class_id(result.environment) != vote.klass:
-                raise Rejection(f"numerical class {class_id(result.environment)} ({describe(result.environment)}) "
+            result_class = class_id(result.environment)
+            if result_class != vote.klass:
+                raise Rejection(f"numerical class {result_class} ({describe(result.environment)}) "
                                 f"differs from the job's class {vote.klass}")
             self.verifier.verify(result.weights_key, result.weights_digest)
         except Rejection as rejection:

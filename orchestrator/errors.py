@@ -10,7 +10,7 @@ class FarmError(click.ClickException):
 
 
 class StaffingError(FarmError):
-    """No numerical class holds enough live, healthy workers of distinct owners for every replica of a job."""
+    """No numerical class contains enough live, healthy workers of distinct owners for every replica of a job."""
 
     exit_code = 3
 

@@ -1,4 +1,4 @@
-"""Who may train a run's jobs: eligible workers, their numerical classes, and the staffing check.
+"""Eligibility of workers for a run's jobs, their numerical classes, and the staffing check.
 
 Workers advertise a numerical fingerprint per profile in their heartbeats. A worker's class
 for a run is the digest of that fingerprint plus the run's thread count and TF32 flag.

@@ -98,7 +98,7 @@ class _Run:
 
 
 def _prepare_data(training: TrainingSettings, data_root: Path, download: bool):
-    """Return each segment's images, their digests and sizes, and the test images."""
+    """Return each segment's data digest and size, and the test images."""
     images = load_images(str(data_root), training.dataset, train=True, download=download)
     if training.subset:
         images = images[: training.subset]
@@ -106,7 +106,7 @@ def _prepare_data(training: TrainingSettings, data_root: Path, download: bool):
     data_digests = [data_digest(training.dataset, training.segments, k, part) for k, part in enumerate(segments)]
     sizes = [segment_size(images.shape[0], training.segments, k) for k in range(training.segments)]
     test_images = load_images(str(data_root), training.dataset, train=False, download=download)
-    return segments, data_digests, sizes, test_images
+    return data_digests, sizes, test_images
 
 
 def run_training(
@@ -134,7 +134,7 @@ def run_training(
 
     # Refuse a run no class of workers can staff before anything is written.
     wait_for_workers(client, registry, training=training, owners=farm.replicas, timeout=farm.worker_wait)
-    _, data_digests, sizes, test_images = _prepare_data(training, data_root, download)
+    data_digests, sizes, test_images = _prepare_data(training, data_root, download)
 
     # Run directory and initial weights.
     state = initial_state_dict(training.seed)
@@ -357,7 +357,7 @@ def resume_training(
                          f"{expected[:16]}; check the run with: orchestrator audit {run_dir}")
     configure_torch(1)
     client.store.put(base_weights_key(base_digest), encode(state))
-    _, data_digests, sizes, test_images = _prepare_data(training, Path(config["data_root"]), False)
+    data_digests, sizes, test_images = _prepare_data(training, Path(config["data_root"]), False)
     if data_digests != config["data_digests"]:
         raise ValueError(f"the data under {config['data_root']} differs from the run's; point the run at its data")
 

@@ -47,7 +47,7 @@ def consume_own_queue(sender: str, instance, **_) -> None:
 def start_engine(**_) -> None:
     """Start the pool child's training engine for the default profile, so torch loads before the first job.
 
-    Neither this process nor its parent imports torch: each engine is a fresh process whose
+    Neither this process nor its parent imports torch. Each engine is a fresh process, so its
     profile settings take effect before torch and CUDA start.
     """
     engine("default")
