@@ -293,7 +293,7 @@ def local(worker_count: int, flower: bool, keep_running: bool, **options) -> Non
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
-    click.echo("Stopped Redis and the workers" + (" and Flower." if flower else "."))
+    click.echo("Stopped Redis, the workers and Flower." if flower else "Stopped Redis and the workers.")
 
 
 @main.command()
